@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from actavatar_core.errors import ImageInputError, OutputPathError
+from actavatar_core.video import Mp4Writer, fit_image, load_image, probe_video, read_video, safe_output_path, write_mp4
+
+
+def test_mp4_has_expected_streams(tmp_path, speech):
+    tt, yy, xx = np.mgrid[0:21, 0:48, 0:64]
+    frames = np.stack([(xx * 4 + tt * 5) % 256, (yy * 5) % 256, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    path = write_mp4(tmp_path / "v.mp4", frames, 24, speech(0.5, 22050), 22050, metadata={"prompt": {"1": "x"}})
+    info = probe_video(path)
+    assert (info["video_codec"], info["audio_codec"]) == ("h264", "aac")
+    assert (info["frames"], info["width"], info["height"], info["fps"]) == (21, 64, 48, 24.0)
+    # audio padded from 0.5 s to the video's 0.875 s (AAC rounds up to whole 1024-sample frames)
+    assert 21 / 24 <= info["audio_duration"] < 21 / 24 + 1024 / 22050 + 1e-6
+    assert info["metadata"]["prompt"] == '{"1": "x"}'
+    decoded, fps, audio, rate = read_video(path)
+    assert decoded.shape == frames.shape and fps == 24.0 and rate == 22050
+    assert np.abs(decoded.astype(int) - frames.astype(int)).mean() < 6  # lossy, but the same pictures
+
+
+def test_failure_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"previous good file")
+    with pytest.raises(RuntimeError):
+        with Mp4Writer(target, 25, 32, 32) as w:
+            w.add(np.zeros((3, 32, 32, 3), np.uint8))
+            raise RuntimeError("cancelled")
+    assert target.read_bytes() == b"previous good file"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    with pytest.raises(OutputPathError, match="already exists"):
+        write_mp4(tmp_path / "a.mp4", np.zeros((1, 32, 32, 3), np.uint8), 25, overwrite=False)
+
+
+@pytest.mark.parametrize("prefix", ["../evil", "/etc/passwd", "a/../../b", "C:/x"])
+def test_prefix_cannot_escape_the_output_folder(tmp_path, prefix):
+    with pytest.raises(OutputPathError, match="outside the output folder"):
+        safe_output_path(tmp_path, prefix)
+
+
+def test_prefix_counter_and_subfolders(tmp_path):
+    a = safe_output_path(tmp_path, "video/ActAvatar")
+    a.write_bytes(b"1")
+    b = safe_output_path(tmp_path, "video/ActAvatar")
+    assert a.parent == tmp_path / "video" and a.name == "ActAvatar_00001_.mp4" and b.name == "ActAvatar_00002_.mp4"
+
+
+def test_images(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.png").shape == (40, 60, 3)
+    (tmp_path / "b.png").write_text("not an image")
+    with pytest.raises(ImageInputError, match="not an image"):
+        load_image(tmp_path / "b.png")
+    with pytest.raises(ImageInputError, match="shape"):
+        load_image(np.zeros((5, 5)))
+    assert load_image(np.ones((1, 4, 4, 3), np.float32)).dtype == np.uint8
+    fitted = fit_image(np.zeros((100, 50, 3), np.uint8), 64, 32)
+    assert fitted.shape == (32, 64, 3)
