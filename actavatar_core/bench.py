@@ -1,0 +1,159 @@
+"""``actavatar bench``: ``paca`` measures the cost of each PACA mode against plain cross-attention; ``method`` runs
+the mini-scale ablation on the held-out synthetic test set (see ``actavatar_core.evaluation``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+
+def _linux_rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _pin_malloc() -> None:
+    """Make glibc return freed tensor memory to the OS at once (fixed mmap threshold), so resident-set peaks
+    measure what one call really needs instead of what an earlier call left in the heap."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+
+
+def peak_memory(fn: Callable[[], Any], device: Any) -> int:
+    """Peak bytes ``fn`` needs above what was allocated before it: CUDA's allocator statistics on GPUs; on the
+    CPU (Linux), the rise of the resident-set high-water mark, reset just before the call."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    _pin_malloc()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _linux_rss_kb("VmRSS")
+    fn()
+    return (_linux_rss_kb("VmHWM") - before) * 1024
+
+
+def _timed(fn: Callable[[], Any], device: Any) -> float:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_paca(frames: int = 16, tokens_per_frame: int = 220, heads: int = 24, head_dim: int = 128, text_len: int = 512,
+               prompt_tokens: int = 60, phases: int = 2, repeats: int = 5, device: str = "cpu", dtype: str = "fp32",
+               seed: int = 0) -> dict[str, Any]:
+    """Time and peak memory of one text cross-attention layer of the 5B model's width per mode, as ratios to
+    diffusers' plain ``WanAttnProcessor`` measured in the same run (modes interleaved, median of ``repeats``)."""
+    import torch
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+
+    from .attention import PACAProcessor, token_frame_index
+    from .phases import PhaseScript
+    from .sampling import build_routing
+
+    torch.manual_seed(seed)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    dim = heads * head_dim
+    attn = WanAttention(dim=dim, heads=heads, dim_head=head_dim, eps=1e-6, cross_attention_dim_head=head_dim)
+    attn = attn.to(device, torch_dtype).eval()
+    x = torch.randn(1, frames * tokens_per_frame, dim, device=device, dtype=torch_dtype)
+    ctx = torch.randn(1, text_len, dim, device=device, dtype=torch_dtype)
+    ids = torch.zeros(1, text_len, dtype=torch.long, device=device)
+    per = prompt_tokens // (phases + 1)
+    for k in range(1, phases + 1):
+        ids[0, k * per:(k + 1) * per] = k
+    fps = 25.0
+    duration = (4 * (frames - 1) + 1) / fps
+    step = duration / phases
+    script = PhaseScript.parse({"base": "b", "phases": [{"start": k * step, "end": (k + 1) * step, "text": "t"} for k in range(phases)]})
+    embedding = torch.nn.Embedding(phases + 1, dim).to(device, torch_dtype)
+    tf = token_frame_index(frames, tokens_per_frame, device)
+    plain, paca = WanAttnProcessor(), PACAProcessor()
+    hard = build_routing(script, ids, frames, fps, 0.0)
+    soft = build_routing(script, ids, frames, fps, 2.0)
+    modes: dict[str, Callable[[], Any]] = {
+        "plain cross-attention": lambda: plain(attn, x, ctx),
+        "global": lambda: paca(attn, x, ctx),
+        "learned": lambda: paca(attn, x, ctx + embedding(ids)),
+        "routed": lambda: paca(attn, x, ctx + embedding(ids), routing=hard, token_frame=tf),
+        "routed feather=2": lambda: paca(attn, x, ctx + embedding(ids), routing=soft, token_frame=tf),
+    }
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    with torch.no_grad():
+        for fn in modes.values():
+            fn()  # warm-up
+        memory = {name: statistics.median(peak_memory(fn, device) for _ in range(3)) for name, fn in modes.items()}
+        for _ in range(repeats):
+            for name, fn in modes.items():
+                times[name].append(_timed(fn, device))
+    base_t, base_m = statistics.median(times["plain cross-attention"]), memory["plain cross-attention"]
+    rows = [{"mode": name, "time_ms": statistics.median(ts) * 1000, "time_ratio": statistics.median(ts) / base_t,
+             "peak_mb": memory[name] / 2**20, "memory_ratio": memory[name] / base_m} for name, ts in times.items()]
+    return {"shape": {"video_tokens": frames * tokens_per_frame, "latent_frames": frames, "tokens_per_frame": tokens_per_frame,
+                      "dim": dim, "heads": heads, "text_len": text_len, "phases": phases, "dtype": dtype, "device": str(device),
+                      "runs": len(hard.runs(tf))},
+            "rows": rows, "target": "routed within 1.05x of plain cross-attention in time and memory",
+            "met": all(r["time_ratio"] <= 1.05 and r["memory_ratio"] <= 1.05 for r in rows if r["mode"] == "routed")}
+
+
+def format_paca(result: dict[str, Any]) -> str:
+    s = result["shape"]
+    lines = [f"PACA cost, one text cross-attention layer: {s['video_tokens']} video tokens ({s['latent_frames']} latent frames x "
+             f"{s['tokens_per_frame']}), {s['text_len']} text tokens, dim {s['dim']} ({s['heads']} heads), {s['phases']} phases, "
+             f"{s['dtype']} on {s['device']}",
+             f"{'mode':<24}{'time ms':>10}{'x plain':>9}{'peak MB':>10}{'x plain':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['mode']:<24}{r['time_ms']:>10.1f}{r['time_ratio']:>9.3f}{r['peak_mb']:>10.1f}{r['memory_ratio']:>9.3f}")
+    lines.append(f"target: {result['target']}: {'MET' if result['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    rest = argv[1:]
+    if not rest or rest[0] not in ("paca", "method"):
+        print("usage: actavatar bench paca [options] | actavatar bench method [options]", file=sys.stderr)
+        return 2
+    if rest[0] == "method":
+        from .evaluation import main as method_main
+
+        return method_main(rest)
+    p = argparse.ArgumentParser(prog="actavatar bench paca")
+    p.add_argument("--frames", type=int, default=16, help="latent frames (5B at 125 frames: 32)")
+    p.add_argument("--tokens-per-frame", type=int, default=220, help="tokens per latent frame (5B at 704x1280: 880)")
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--phases", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(rest[1:])
+    result = bench_paca(args.frames, args.tokens_per_frame, args.heads, args.head_dim, phases=args.phases,
+                        repeats=args.repeats, device=args.device, dtype=args.dtype)
+    print(format_paca(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
