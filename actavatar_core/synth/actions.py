@@ -23,15 +23,15 @@ IDLE = "idle"
 class Action:
     key: str
     text: str
-    #: words that identify the action in a free-form phase text (all must appear, lower-case)
+    #: word stems that identify the action in a free-form phase text (every stem must start some word)
     keywords: tuple[str, ...]
 
 
 #: The six actions, with the exact phase texts the dataset uses.
 ACTIONS: dict[str, Action] = {a.key: a for a in (
-    Action("raise_left", "raises the left hand", ("raise", "left")),
-    Action("raise_right", "raises the right hand", ("raise", "right")),
-    Action("wave_right", "waves the right hand", ("wave", "right")),
+    Action("raise_left", "raises the left hand", ("rais", "left")),
+    Action("raise_right", "raises the right hand", ("rais", "right")),
+    Action("wave_right", "waves the right hand", ("wav", "right")),
     Action("clap", "claps both hands", ("clap",)),
     Action("point_down", "points down with the right hand", ("point", "down")),
     Action("nod", "nods the head", ("nod",)),
