@@ -37,7 +37,6 @@ from .errors import WeightsError
 __all__ = ["CheckpointInfo", "KINDS", "read_state_dict", "identify_checkpoint", "load_wan_transformer",
            "load_wan_vae", "load_umt5", "load_wav2vec2", "CONFIG_DIR", "local_config"]
 
-PathLike = "str | os.PathLike[str]"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: What each loader expects, for the "wrong kind of file" message: (what, fix).

@@ -9,10 +9,7 @@ local config, or the transformers class loaded with ``load_state_dict``.
 from __future__ import annotations
 
 import json
-import math
 import os
-import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -627,3 +624,15 @@ def test_spm_extra_ids_and_garbage():
     assert tok.convert_tokens_to_ids("<extra_id_0>") == n + 4 and tok.convert_tokens_to_ids("<extra_id_4>") == n
     with pytest.raises(WeightsError, match="not a valid SentencePiece model"):
         spm_mod.build_tokenizer(b"\xff\xff\xff garbage")
+
+
+def test_loaded_community_files_save_as_diffusers_folders(files, tmp_path):
+    """A model loaded from a ComfyUI file is an ordinary diffusers model: save_pretrained + reload is lossless."""
+    tr = L.load_wan_transformer(files["tr_prefix"].path, dtype=torch.float32)
+    tr.save_pretrained(str(tmp_path / "transformer"))
+    again = L.load_wan_transformer(tmp_path / "transformer")
+    _assert_state(again, tr.state_dict())
+    vae = L.load_wan_vae(files["vae"].path)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    _assert_state(L.load_wan_vae(tmp_path / "vae"), vae.state_dict())
+    assert set(L.read_state_dict(tmp_path / "vae")) == set(vae.state_dict())
