@@ -178,5 +178,8 @@ by the clip's 95th percentile (`actavatar_core.synth.audio.audio_envelope`). The
 
 `actavatar_core.synth.detect` reads the action label and mouth opening from frames (calibrated on the reference
 frame), `actavatar_core.synth.metrics.evaluate_clip` / `aggregate` compute Hit@Segment, temporal IoU, spurious
-action rate, lip-sync correlation and lag, and identity colour drift.
+action rate, lip-sync correlation and lag, and identity colour drift; `metrics.evaluate_folder(dataset, generated)`
+scores a folder of generated `<id>.mp4` files against this dataset (reference = each clip's frame 0, audio = the
+clip's audio). The dataset's own clips score H@S 1.0, tIoU about 0.93 (the detector's transition frames),
+lip-sync correlation about 0.96 at lag 0: the ceiling a model can reach.
 """
