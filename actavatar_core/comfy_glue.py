@@ -1,0 +1,459 @@
+"""The small computations the ComfyUI nodes need between ComfyUI's data conventions and the engine.
+
+The node classes in ``nodes/`` are thin adapters; everything they compute lives here so that it is tested with
+the engine and never imports ComfyUI. ComfyUI's conventions, as plain data:
+
+* AUDIO: ``{"waveform": Tensor (B, C, S) float, "sample_rate": int}``;
+* IMAGE: ``Tensor (B, H, W, C)`` float in [0, 1];
+* LATENT: ``{"samples": Tensor (B, C, F, h, w)}`` holding **raw** VAE latents (ComfyUI's Wan22 latent format
+  normalises on the way into a model, ``(z - mean) / std``, and its VAEDecode takes raw latents), whereas the engine
+  keeps latents normalised; :func:`raw_latents` / :func:`normalised_latents` convert with the VAE's own statistics;
+* AUDIO_ENCODER_OUTPUT (core's AudioEncoderEncode): a dict with ``encoded_audio_all_layers`` (list of (B, T, C)
+  hidden states at ~50 Hz, embedding output first) and ``audio_samples`` (count at 16 kHz).
+
+Frame rate: it is set once, on the Phase Prompt node, and travels in :class:`PhasePrompt` to the sampler, which
+decides the clip length (:func:`clip_frames`) and only then windows the audio for that frame rate and length
+(:class:`SpeechClip`), exactly as :func:`actavatar_core.audio.encode_audio` does for the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import wave as wave_module
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .audio import (
+    SAMPLE_RATE, AudioEmbedding, Waveform, clip_frames_for, embed_features, features_from_layers, fit_waveform,
+    load_waveform,
+)
+from .errors import AudioInputError, ImageInputError, PhaseScriptError, WeightsError
+from .phases import DEFAULT_FPS, PhaseScript, frames_for_duration, latent_frame_count
+from .video import fit_audio_to_video, safe_output_path
+
+#: Ranges of the Phase Prompt node's number inputs (the node declares them; validation repeats them because
+#: ComfyUI skips its own min/max check for inputs that a VALIDATE_INPUTS function takes).
+DURATION_RANGE = (0.0, 600.0)
+FPS_RANGE = (1.0, 120.0)
+
+#: A two-phase example: the default of the Phase Prompt node.
+EXAMPLE_SCRIPT = PhaseScript.from_json({
+    "version": 1,
+    "base": "A woman in a red blazer talks to the camera in a bright studio",
+    "negative": "",
+    "phases": [{"start": 0.5, "end": 2.0, "text": "waves with the right hand"},
+               {"start": 2.5, "end": 4.0, "text": "points down with the left hand"}],
+})
+
+
+# ================================================================================================ phase prompt
+@dataclass(frozen=True)
+class PhasePrompt:
+    """What the Phase Prompt node outputs: the parsed script plus the clip's frame rate (its single source of truth)
+    and, when fixed on the node, the clip duration."""
+
+    script: PhaseScript
+    fps: float = DEFAULT_FPS
+    duration: float | None = None  # seconds set on the node; None: follow the audio
+    audio_duration: float | None = None  # of the AUDIO connected to the node, if any (used for validation)
+
+    @property
+    def known_duration(self) -> float | None:
+        return self.duration if self.duration is not None else self.audio_duration
+
+
+def _check_range(name: str, value: Any, low: float, high: float, fix: str) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name} must be a number, got {value!r}. Fix: {fix}"
+    if not low <= value <= high:
+        return f"{name} {value:g} is outside {low:g}..{high:g}. Fix: {fix}"
+    return None
+
+
+def phase_prompt_problem(phase_script: Any, duration: Any = 0.0, fps: Any = DEFAULT_FPS) -> str | None:
+    """The queue-time check of the Phase Prompt node: None when valid, else the engine's message (problem + fix).
+
+    ``duration`` 0 means "follow the audio", so the checks against the clip length wait until the audio is known.
+    """
+    for problem in (_check_range("duration", duration, *DURATION_RANGE, "use 0 to follow the audio, or the clip length in seconds."),
+                    _check_range("fps", fps, *FPS_RANGE, "use the frame rate of the video, e.g. 24 or 25.")):
+        if problem:
+            return problem
+    try:
+        script = PhaseScript.parse(phase_script)
+        script.validate(float(duration) if duration else None, float(fps))
+    except PhaseScriptError as exc:
+        return str(exc)
+    return None
+
+
+def audio_seconds(audio: dict | None) -> float | None:
+    """Length of a ComfyUI AUDIO in seconds (None without audio)."""
+    if audio is None:
+        return None
+    try:
+        samples = int(torch.as_tensor(audio["waveform"]).shape[-1])
+        rate = float(audio["sample_rate"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise AudioInputError(f"The AUDIO input is not a ComfyUI audio dict ({exc.__class__.__name__}: {exc}).",
+                              "Connect a LoadAudio (or another node with an AUDIO output).") from None
+    if rate <= 0:
+        raise AudioInputError(f"The AUDIO input has sample rate {rate!r}.", "Connect a valid audio (LoadAudio).")
+    return samples / rate
+
+
+def make_phase_prompt(phase_script: Any, duration: float = 0.0, fps: float = DEFAULT_FPS,
+                      audio: dict | None = None) -> PhasePrompt:
+    """Parse and validate a phase script (JSON or compact text) for a clip of ``duration`` seconds (0: the connected
+    audio's length; without audio only the structure is checked here, the clip length at sampling)."""
+    problem = _check_range("fps", fps, *FPS_RANGE, "use the frame rate of the video, e.g. 24 or 25.")
+    problem = problem or _check_range("duration", duration, *DURATION_RANGE, "use 0 to follow the audio.")
+    if problem:
+        text, _, fix = problem.partition(" Fix: ")
+        raise PhaseScriptError(text, fix or None)
+    script = PhaseScript.parse(phase_script)
+    seconds = audio_seconds(audio)
+    fixed = float(duration) if duration and duration > 0 else None
+    if fixed is not None:
+        clip = fixed
+    elif seconds is not None:  # the clip that follows this audio: the smallest 4k+1 frames covering it
+        clip = frames_for_duration(seconds, float(fps)) / float(fps)
+    else:
+        clip = None
+    script.validate(clip, float(fps))
+    return PhasePrompt(script, float(fps), fixed, seconds)
+
+
+# ================================================================================================ clip length
+def clip_frames(frames: int, phase_prompt: PhasePrompt, speech: "Waveform | None") -> int:
+    """The clip's pixel frame count (4k+1): the sampler's ``frames`` when set, else the Phase Prompt's duration when
+    set, else the speech's length (the smallest 4k+1 covering it, as the command line does)."""
+    fps = phase_prompt.fps
+    if frames and frames > 0:
+        latent_frame_count(int(frames))  # raises with "Use 45 or 49 frames"
+        return int(frames)
+    if phase_prompt.duration is not None:
+        return frames_for_duration(phase_prompt.duration, fps)
+    if speech is None:
+        raise AudioInputError("The clip length is unknown: frames is 0, the Phase Prompt's duration is 0 and there "
+                              "is no speech.", "Connect the speech audio, or set frames or duration.")
+    return clip_frames_for(speech, fps, None)
+
+
+def validate_for_clip(phase_prompt: PhasePrompt, num_frames: int, max_phases: int | None = None) -> PhaseScript:
+    """The run-time check: every phase inside the clip, enough latent frames per phase, not more phases than the
+    model was trained with."""
+    script = phase_prompt.script.validate(num_frames / phase_prompt.fps, phase_prompt.fps)
+    if max_phases is not None and len(script.phases) > max_phases:
+        raise PhaseScriptError(f"The script has {len(script.phases)} phases; this model was trained with at most "
+                               f"{max_phases}.", "Merge neighbouring phases or split the clip.")
+    return script
+
+
+def check_sizes(width: int, height: int, frames: int) -> str | None:
+    """Queue-time check of the sampler's size inputs (None when valid)."""
+    from .errors import SizeError
+    from .vae import check_size
+
+    try:
+        check_size(int(width), int(height))
+        if frames:
+            latent_frame_count(int(frames))
+    except (SizeError, PhaseScriptError) as exc:
+        return str(exc)
+    return None
+
+
+# ================================================================================================ speech
+@dataclass
+class SpeechClip:
+    """Speech for a clip whose frame rate and length are not known yet (the sampler knows them).
+
+    ``waveform`` is the validated 16 kHz mono speech. Either ``encode`` (a wav2vec2 run on a waveform, giving
+    (T, L, C) hidden states at 50 Hz) or ``layers`` (precomputed (T, L, C) hidden states from core's
+    AUDIO_ENCODER_OUTPUT) is set. ``original`` keeps the AUDIO as the user gave it (rate, channels) for the
+    saved video. Embeddings are memoised per (fps, frames, window), so re-running a sampler with another seed
+    does not re-encode.
+    """
+
+    waveform: Waveform | None
+    duration: float
+    encode: Callable[[Waveform], torch.Tensor] | None = None
+    layers: torch.Tensor | None = None
+    original: dict | None = None
+    source: str = ""
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def embedding(self, fps: float, num_frames: int, window: int) -> AudioEmbedding:
+        key = (round(float(fps), 6), int(num_frames), int(window))
+        if key not in self._memo:
+            self._memo.clear()  # one clip at a time: the memo must not grow across many different runs
+            self._memo[key] = self._embed(float(fps), int(num_frames), int(window))
+        return self._memo[key]
+
+    def _embed(self, fps: float, num_frames: int, window: int) -> AudioEmbedding:
+        if self.waveform is not None:
+            fitted = fit_waveform(self.waveform, num_frames, fps)
+        else:  # features only: a silent stand-in of the clip's length for bookkeeping
+            fitted = Waveform(torch.zeros(int(round(num_frames / fps * SAMPLE_RATE))), SAMPLE_RATE)
+        if self.encode is not None:
+            if self.waveform is None:
+                raise AudioInputError("No speech waveform to encode.", "Connect the speech AUDIO.")
+            features = self.encode(fitted)
+        elif self.layers is not None:
+            features = self.layers
+        else:
+            raise AudioInputError("The speech has neither an audio encoder nor precomputed features.",
+                                  "Connect an ActAvatar audio encoder, or core's AudioEncoderEncode output.")
+        return embed_features(features.float(), fitted, fps=fps, num_frames=num_frames,
+                              source_duration=self.duration, window=window)
+
+
+def speech_from_audio(audio: dict, encode: Callable[[Waveform], torch.Tensor]) -> SpeechClip:
+    """A ComfyUI AUDIO (validated: decodable rate, not silent, finite) to be encoded by our wav2vec2."""
+    wave = load_waveform(_first_item(audio))
+    return SpeechClip(wave, wave.duration, encode=encode, original=audio, source="audio")
+
+
+def layers_from_encoder_output(output: Any) -> tuple[torch.Tensor, float]:
+    """(T, L, C) hidden states and the speech duration from core's AUDIO_ENCODER_OUTPUT."""
+    if not isinstance(output, dict) or "encoded_audio_all_layers" not in output:
+        raise AudioInputError("The audio_encoder_output input is not an AUDIO_ENCODER_OUTPUT with all layers.",
+                              "Connect core's AudioEncoderEncode (with a wav2vec2 audio encoder).")
+    layers = output["encoded_audio_all_layers"]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise AudioInputError("The AUDIO_ENCODER_OUTPUT has no hidden states.", "Re-run AudioEncoderEncode.")
+    features = features_from_layers(list(layers))
+    samples = output.get("audio_samples")
+    duration = float(samples) / SAMPLE_RATE if samples else features.shape[0] * 320 / SAMPLE_RATE
+    return features, duration
+
+
+def speech_from_encoder_output(output: dict, audio: dict | None = None) -> SpeechClip:
+    """Speech whose wav2vec2 features were computed by core's AudioEncoderEncode (the user's own wav2vec2 file).
+
+    The features cover the audio as given (not padded to the clip, as our encoder does), so the last few video
+    frames past the end of the speech repeat its final features."""
+    features, duration = layers_from_encoder_output(output)
+    wave = load_waveform(_first_item(audio)) if audio is not None else None
+    return SpeechClip(wave, wave.duration if wave is not None else duration, layers=features, original=audio,
+                      source="audio_encoder_output")
+
+
+def check_audio_features(embedding: AudioEmbedding, feature_dim: int, num_layers: int, window: int) -> None:
+    """Refuse audio features the model's adapter was not trained on (wrong wav2vec2 size), naming the fix."""
+    _, _, w, layers, dim = embedding.features.shape
+    if (layers, dim) != (num_layers, feature_dim) or w != window:
+        flavour = {1024: "wav2vec2 large (wav2vec2_large_english_fp16.safetensors)",
+                   768: "wav2vec2 base (wav2vec2-chinese-base_fp16.safetensors)"}.get(feature_dim, f"a {feature_dim}-wide wav2vec2")
+        raise WeightsError(
+            f"The audio features have {layers} layers of width {dim}, but this ActAvatar model's audio adapter was "
+            f"trained on {num_layers} layers of width {feature_dim}.",
+            f"Use the audio encoder the ActAvatar weights were trained with: {flavour}; or pick the ActAvatar "
+            "weights that match your audio encoder.")
+
+
+def _first_item(audio: dict) -> dict:
+    """The first item of an AUDIO batch (ActAvatar makes one clip per run)."""
+    if not isinstance(audio, dict) or "waveform" not in audio:
+        raise AudioInputError("The audio input is not a ComfyUI AUDIO.", "Connect a LoadAudio.")
+    waveform = torch.as_tensor(audio["waveform"])
+    if waveform.ndim == 3:
+        waveform = waveform[0]
+    return {"waveform": waveform, "sample_rate": audio.get("sample_rate")}
+
+
+def fit_audio(audio: dict | None, num_frames: int, fps: float, channels: int = 1) -> dict:
+    """The AUDIO trimmed or zero-padded to the clip (``num_frames / fps`` s): what the video should play. Without
+    audio, silence of that length (16 kHz)."""
+    if audio is None:
+        samples = int(math.ceil(num_frames / fps * SAMPLE_RATE - 1e-6))
+        return {"waveform": torch.zeros(1, channels, samples), "sample_rate": SAMPLE_RATE}
+    item = _first_item(audio)
+    rate = int(item["sample_rate"])
+    data = fit_audio_to_video(item["waveform"].float().cpu().numpy(), rate, num_frames, fps)
+    return {"waveform": torch.from_numpy(np.ascontiguousarray(data))[None], "sample_rate": rate}
+
+
+# ================================================================================================ latents
+def raw_latents(latents: torch.Tensor, vae: Any) -> torch.Tensor:
+    """Engine (normalised) latents -> raw VAE latents, ComfyUI's LATENT convention: ``z * std + mean``."""
+    from .vae import latent_stats
+
+    mean, std = latent_stats(vae, latents.device)
+    return latents.float() * std + mean
+
+
+def normalised_latents(samples: torch.Tensor, vae: Any) -> torch.Tensor:
+    """Raw VAE latents (a ComfyUI LATENT's samples) -> the engine's normalised latents."""
+    from .vae import latent_stats
+
+    z_dim = int(vae.config.z_dim)
+    if samples.ndim != 5 or samples.shape[1] != z_dim:
+        raise ImageInputError(
+            f"The LATENT has shape {tuple(samples.shape)}; the Wan2.2 VAE needs (batch, {z_dim}, frames, h, w).",
+            "Decode latents made by the ActAvatar Sampler or a Wan2.2 TI2V-5B sampler (48 channels).")
+    mean, std = latent_stats(vae, samples.device)
+    return (samples.float() - mean) / std
+
+
+def preview_latent(denoised: torch.Tensor) -> torch.Tensor:
+    """The latent frame a progress preview shows: the middle of the clip (frame 0 is the reference image)."""
+    frames = denoised.shape[2]
+    index = frames // 2 if frames > 1 else 0
+    return denoised[:, :, index : index + 1]
+
+
+# ================================================================================================ images
+def reference_from_images(images: Any) -> np.ndarray:
+    """The first image of a ComfyUI IMAGE batch as uint8 RGB (H, W, 3)."""
+    tensor = torch.as_tensor(images)
+    if tensor.ndim == 4:
+        if tensor.shape[0] < 1:
+            raise ImageInputError("The IMAGE input is an empty batch.", "Connect a LoadImage with the avatar picture.")
+        tensor = tensor[0]
+    if tensor.ndim != 3 or tensor.shape[-1] not in (1, 3, 4):
+        raise ImageInputError(f"The IMAGE input has shape {tuple(tensor.shape)}, not (batch, height, width, 3).",
+                              "Connect a LoadImage (or another node with an IMAGE output).")
+    if tensor.shape[-1] == 1:
+        tensor = tensor.expand(*tensor.shape[:-1], 3)
+    array = (tensor[..., :3].float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+    return array.cpu().numpy()
+
+
+def frames_to_images(frames: np.ndarray, device: Any = "cpu") -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> ComfyUI IMAGE float (T, H, W, 3) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).float().div_(255.0)
+
+
+def images_to_frame_chunks(images: Any, chunk: int = 16) -> Iterator[np.ndarray]:
+    """A ComfyUI IMAGE batch as uint8 (t, H, W, 3) chunks (so saving a long clip never holds two full copies)."""
+    tensor = torch.as_tensor(images)
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[0] == 0 or tensor.shape[-1] not in (3, 4):
+        raise ImageInputError(f"The images have shape {tuple(tensor.shape)}, not (frames, height, width, 3).",
+                              "Connect the frames from ActAvatar Decode or VAE Decode.")
+    for start in range(0, tensor.shape[0], chunk):
+        part = tensor[start : start + chunk, ..., :3]
+        yield (part.float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def even_size_problem(images: Any) -> str | None:
+    """H.264 (4:2:0) needs even sizes; None when the frames can be written."""
+    shape = tuple(torch.as_tensor(images).shape)
+    h, w = shape[-3], shape[-2]
+    if h % 2 or w % 2:
+        return f"The frames are {w}x{h}; H.264 needs an even width and height. Fix: crop or resize to {w - w % 2}x{h - h % 2}."
+    return None
+
+
+# ================================================================================================ output files
+def expand_prefix(prefix: str, width: int = 0, height: int = 0, now: time.struct_time | None = None) -> str:
+    """ComfyUI's filename-prefix variables (%width%, %height%, %year%, %month%, %day%, %hour%, %minute%, %second%)."""
+    if "%" not in prefix:
+        return prefix
+    now = now or time.localtime()
+    values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02d}",
+              "day": f"{now.tm_mday:02d}", "hour": f"{now.tm_hour:02d}", "minute": f"{now.tm_min:02d}",
+              "second": f"{now.tm_sec:02d}"}
+    for key, value in values.items():
+        prefix = prefix.replace(f"%{key}%", str(value))
+    return prefix
+
+
+def output_file(output_dir: str | Path, filename_prefix: str, width: int, height: int) -> tuple[Path, str, str]:
+    """(path, file name, subfolder) of the next free ``<prefix>_NNNNN_.mp4`` inside ``output_dir``; a prefix that
+    points outside the folder is refused (OutputPathError), whatever it contains."""
+    root = Path(output_dir).resolve()
+    path = safe_output_path(root, expand_prefix(filename_prefix, width, height), "mp4")
+    subfolder = path.parent.relative_to(root).as_posix()
+    return path, path.name, "" if subfolder == "." else subfolder
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a finished output file the permissions of any new file (the atomic writer's temporary file is private,
+    0600, so without this ComfyUI's other users and tools could not read the video)."""
+    mask = 0o022
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                mask = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    try:
+        Path(path).chmod(0o666 & ~mask)
+    except OSError:
+        pass
+
+
+def video_metadata(prompt: Any = None, extra_pnginfo: Any = None, extra: dict | None = None) -> dict:
+    """MP4 metadata like core's SaveVideo: the API prompt under ``prompt`` and every extra_pnginfo entry (the UI
+    workflow under ``workflow``), each JSON-encoded by the writer."""
+    metadata: dict = {}
+    if isinstance(extra_pnginfo, dict):
+        metadata.update(extra_pnginfo)
+    if prompt is not None:
+        metadata["prompt"] = prompt
+    metadata.update(extra or {})
+    return metadata
+
+
+# ================================================================================================ demo inputs
+def write_demo_inputs(folder: str | Path, image_name: str, audio_name: str, overwrite: bool = False) -> list[Path]:
+    """Put the example reference image (PNG) and speech (16-bit WAV) into ``folder`` (ComfyUI's input folder) under
+    the names the shipped workflows use. Existing files are kept. Returns the files written."""
+    from PIL import Image
+
+    from .defaults import DEMO_DIR, _generated_demo_inputs
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    image_path, audio_path = folder / image_name, folder / audio_name
+    bundled_image, bundled_audio = DEMO_DIR / "reference.png", DEMO_DIR / "speech.wav"
+    generated = None
+    if overwrite or not image_path.exists():
+        if bundled_image.is_file():
+            data = bundled_image.read_bytes()
+        else:
+            generated = generated or _generated_demo_inputs()
+            import io
+
+            buffer = io.BytesIO()
+            Image.fromarray(generated[0]).save(buffer, format="PNG")
+            data = buffer.getvalue()
+        _atomic_write(image_path, data)
+        written.append(image_path)
+    if overwrite or not audio_path.exists():
+        if bundled_audio.is_file():
+            _atomic_write(audio_path, bundled_audio.read_bytes())
+        else:
+            generated = generated or _generated_demo_inputs()
+            audio = generated[1]
+            samples = audio["waveform"].reshape(-1).float().clamp(-1, 1).numpy()
+            _write_wav(audio_path, samples, int(audio["sample_rate"]))
+        written.append(audio_path)
+    return written
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    with wave_module.open(str(tmp), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    tmp.replace(path)
