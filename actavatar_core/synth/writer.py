@@ -22,7 +22,9 @@ from .actions import ACTIONS, RAMP_SECONDS
 from .clip import CAPTION, MAX_PHASE, MIN_PHASE, make_clip
 
 #: Seed ranges [first, end) of each split. The test split is FIXED: --split test always starts at 900,000,000
-#: (plus --seed as an offset), so 'actavatar synth --split test --clips 100' is the same 100 clips everywhere.
+#: (plus --seed as an offset), so 'actavatar synth --split test --clips 100' is the same 100 clips everywhere,
+#: provided the voice is the same: --voice auto uses espeak-ng only where it is installed (dataset.json records
+#: the voices); pass --voice synthetic for a machine-independent set.
 SPLITS: dict[str, tuple[int, int]] = {
     "train": (0, 800_000_000),
     "val": (800_000_000, 900_000_000),
@@ -172,7 +174,9 @@ by the clip's 95th percentile (`actavatar_core.synth.audio.audio_envelope`). The
 {ranges}
 
 `--seed` is an offset inside the split's range; the test split is meant to be used with offset 0
-(`actavatar synth --split test --clips 100`), i.e. seeds 900,000,000 .. 900,000,099.
+(`actavatar synth --split test --clips 100`), i.e. seeds 900,000,000 .. 900,000,099. Pictures, phases and
+annotations depend only on the seed; the audio also depends on the voice (`--voice auto` picks espeak-ng where it
+is installed, else the built-in babble; `voices` above says which was used), so compare models on one copy.
 
 ## Evaluation
 
