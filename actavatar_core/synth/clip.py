@@ -14,7 +14,7 @@ import numpy as np
 from ..phases import Phase, PhaseScript, frames_for_duration
 from .actions import ACTION_KEYS, ACTIONS, TimedAction, frame_time, pose_at
 from .audio import SAMPLE_RATE, audio_envelope, mouth_from_envelope, speech_audio
-from .identity import Identity, sample_identity
+from .identity import sample_identity
 from .render import render_frame
 
 CAPTION = "a person is talking"

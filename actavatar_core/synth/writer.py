@@ -16,7 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from .actions import ACTIONS, RAMP_SECONDS
 from .clip import CAPTION, MAX_PHASE, MIN_PHASE, make_clip
