@@ -174,7 +174,10 @@ def wav2vec2_hidden_states(model: Any, wave: Waveform, do_normalize: bool = True
     if x.numel() < W2V_FIELD:
         x = F.pad(x, (0, W2V_FIELD - x.numel()))
     out = model(x[None].to(device=param.device, dtype=param.dtype), output_hidden_states=True)
-    return torch.stack(out.hidden_states, dim=2)[0].float()  # (T, L+1, C)
+    # The last entry is taken after the encoder's final layer norm (``last_hidden_state``), as ComfyUI's
+    # ``encoded_audio_all_layers`` has it, so features from either source are the same numbers.
+    states = list(out.hidden_states[:-1]) + [out.last_hidden_state]
+    return torch.stack(states, dim=2)[0].float()  # (T, L+1, C)
 
 
 def features_from_layers(layers: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -241,14 +241,14 @@ def _materialise_extras(model: torch.nn.Module, device: "str | torch.device", dt
                         keep_fp32: Callable[[str], bool]) -> None:
     """Give parameters the file does not hold (a subclass's added modules) real storage and initial values.
 
-    The subclass decides how: ``materialise_extra_weights(device, dtype)`` or ``_materialise_adapter(device, dtype)``
+    The subclass decides how: ``materialise_extra_weights(device, dtype)``
     when it has one (ActAvatarTransformer does); otherwise each owning module gets ``to_empty`` +
     ``reset_parameters()``, and parameters of modules without one are zero-initialised.
     """
     if not any(p.is_meta for p in model.parameters()):
         return
     device = torch.device(device)
-    hook = getattr(model, "materialise_extra_weights", None) or getattr(model, "_materialise_adapter", None)
+    hook = getattr(model, "materialise_extra_weights", None)
     if callable(hook):
         hook(device, dtype)
     for name, module in model.named_modules():
@@ -297,7 +297,7 @@ def load_wan_transformer(path: "str | os.PathLike[str]", *, dtype: torch.dtype |
     width that is not a multiple of 128, or a subclass's own options).
 
     With ``cls``, the base weights must all be in the file; the subclass's added parameters are initialised by its
-    ``materialise_extra_weights``/``_materialise_adapter(device, dtype)`` hook (else ``reset_parameters``).
+    ``materialise_extra_weights(device, dtype)`` hook (else ``reset_parameters``).
     ``dtype`` None keeps the file's dtype (fp8 -> bfloat16); ``_keep_in_fp32_modules`` stay float32 at half dtypes.
     ``require_ti2v`` refuses a Wan transformer without 48 latent channels (Wan2.1/14B).
     """

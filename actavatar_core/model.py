@@ -259,10 +259,10 @@ class ActAvatarTransformer(WanTransformer3DModel):
             model = cls(**config)
         model.load_state_dict(base.state_dict(), strict=False, assign=True)
         model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"])
-        model._materialise_adapter(param.device, param.dtype)
+        model.materialise_extra_weights(param.device, param.dtype)
         return model.eval() if not base.training else model
 
-    def _materialise_adapter(self, device: torch.device, dtype: torch.dtype) -> None:
+    def materialise_extra_weights(self, device: torch.device, dtype: torch.dtype) -> None:
         """Give the adapter parameters real storage and their initial values (after a meta-device build)."""
         with torch.device(device):
             self.audio_proj = AudioProjection(self.config.audio_feature_dim, self.config.audio_num_layers,

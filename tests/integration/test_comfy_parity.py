@@ -238,6 +238,11 @@ def test_wav2vec2_matches_comfy(comfy, tmp_path, size):
     # transformers 5 records the last block's output there, before that norm.
     final = ours.encoder.layer_norm(out.hidden_states[-1]) if large else out.hidden_states[-1]
     torch.testing.assert_close(final, all_layers[-1], rtol=1e-4, atol=1e-4)
+    # the engine's feature extraction gives exactly ComfyUI's AUDIO_ENCODER_OUTPUT layers
+    from actavatar_core.audio import Waveform, wav2vec2_hidden_states
+
+    feats = wav2vec2_hidden_states(ours, Waveform(audio[0, 0], 16000), do_normalize=info["do_normalize"])
+    torch.testing.assert_close(feats, torch.stack([layer[0] for layer in all_layers], dim=1), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.slow
