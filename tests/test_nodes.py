@@ -1,0 +1,526 @@
+"""The ComfyUI nodes called in-process, without ComfyUI (comfy_bridge's stand-ins), on tiny models.
+
+The strongest check: the node chain (Phase Prompt -> Phase Encode -> Audio Encode -> Sampler -> Decode) gives the
+same frames, bit for bit, as the engine's one-call pipeline with the same models and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actavatar_core import comfy_glue as glue
+from actavatar_core.errors import AudioInputError, OutputPathError, PhaseScriptError, WeightsError
+from actavatar_core.pipeline import ActAvatarPipeline, GenerationRequest
+from actavatar_core.sampling import SamplingOptions
+from actavatar_core.video import probe_video
+from nodes import NODES, build_mappings, comfy_bridge as bridge
+from nodes.audio_encode import ActAvatarAudioEncode
+from nodes.output import ActAvatarDecode, ActAvatarSaveVideo
+from nodes.prompt import ActAvatarPhaseEncode, ActAvatarPhasePrompt
+from nodes.sampler import ActAvatarSampler
+from nodes.values import AudioEncoder, LoadedModel, TextEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "A man talks | 0-0.6s: raises the left hand | 0.6-1.2s: waves the right hand"
+SAMPLER_DEFAULTS = dict(width=64, height=64, frames=0, steps=2, text_cfg=5.0, audio_cfg=5.0, shift=5.0, seed=1,
+                        sampler="unipc", paca_mode="routed", feather=0.0, audio_schedule="trained", audio_gamma=1.5)
+
+
+# ============================================================================================ helpers
+def write_tiny_comfy_models(models: Path, seed: int = 0) -> dict[str, str]:
+    """Tiny checkpoints in the community layouts under a ComfyUI ``models/`` folder, plus ActAvatar weights that fit
+    them (random adapter, so audio and phases change the output). Returns {folder: file name}."""
+    from community_checkpoints import COMFY_FILE_NAMES, WAV2VEC2_DEFAULTS, fill_comfy_models_folder
+
+    from actavatar_core.loading import load_wan_transformer
+    from actavatar_core.model import ActAvatarTransformer, save_actavatar_weights
+
+    written = fill_comfy_models_folder(models, seed=seed)
+    base = load_wan_transformer(written["transformer"].path, dtype=torch.float32)
+    model = ActAvatarTransformer.from_base(base, audio_feature_dim=WAV2VEC2_DEFAULTS["hidden_size"],
+                                           audio_num_layers=WAV2VEC2_DEFAULTS["num_layers"] + 1)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "audio" in name or "phase_embedding" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    save_actavatar_weights(model, models / "actavatar" / "tiny_actavatar.safetensors")
+    names = {folder: Path(COMFY_FILE_NAMES[key]).name for key, folder in (
+        ("transformer", "diffusion_models"), ("vae", "vae"), ("text_encoder", "text_encoders"),
+        ("audio_encoder", "audio_encoders"))}
+    names["actavatar"] = "tiny_actavatar.safetensors"
+    return names
+
+
+def handles(models):
+    """Node-level handles of engine models (what the loaders return)."""
+    return (LoadedModel(bridge.manage(models.transformer, "diffusion"), "tiny"),
+            TextEncoder(bridge.manage(models.text_encoder, "text"), "tiny", tokenizer=models.tokenizer),
+            LoadedModel(bridge.manage(models.vae, "vae"), "tiny"),
+            AudioEncoder(bridge.manage(models.audio_encoder, "audio"), "tiny", do_normalize=True))
+
+
+def comfy_audio(speech, seconds: float = 1.2, rate: int = 22050, channels: int = 1) -> dict:
+    return {"waveform": torch.from_numpy(speech(seconds, rate, channels))[None], "sample_rate": rate}
+
+
+def comfy_image(portrait: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(portrait)[None].float() / 255.0
+
+
+def run_chain(tiny, audio, image, script=SCRIPT, fps=25.0, negative="", **sampler):
+    model, te, vae, ae = handles(tiny)
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        phase, = ActAvatarPhasePrompt().build(script, 0.0, fps, audio)
+        cond, = ActAvatarPhaseEncode().encode(te, phase, negative)
+        embeds, = ActAvatarAudioEncode().encode(audio=audio, audio_encoder=ae)
+        latent, out_fps, clip_audio = ActAvatarSampler().sample(model, cond, embeds, image, vae,
+                                                                **{**SAMPLER_DEFAULTS, **sampler})
+        frames, = ActAvatarDecode().decode(vae, latent, 4)
+    return latent, out_fps, clip_audio, frames, embeds
+
+
+@pytest.fixture(autouse=True)
+def _clean_bridge(tmp_path):
+    bridge.PROGRESS_LOG.clear()
+    bridge.request_interrupt(False)
+    bridge.set_directory("output", tmp_path / "output")
+    (tmp_path / "output").mkdir()
+    yield
+    bridge.request_interrupt(False)
+
+
+# ============================================================================================ registry and schema
+EXPECTED = {
+    "ActAvatarModelLoader": ("ActAvatar/loaders", ("ACTAVATAR_MODEL",)),
+    "ActAvatarTextEncoderLoader": ("ActAvatar/loaders", ("ACTAVATAR_TEXT_ENCODER",)),
+    "ActAvatarVAELoader": ("ActAvatar/loaders", ("ACTAVATAR_VAE",)),
+    "ActAvatarAudioEncoderLoader": ("ActAvatar/loaders", ("ACTAVATAR_AUDIO_ENCODER",)),
+    "ActAvatarPhasePrompt": ("ActAvatar", ("PHASE_PROMPT",)),
+    "ActAvatarPhaseEncode": ("ActAvatar", ("ACTAVATAR_CONDITIONING",)),
+    "ActAvatarAudioEncode": ("ActAvatar", ("ACTAVATAR_AUDIO",)),
+    "ActAvatarSampler": ("ActAvatar", ("LATENT", "FLOAT", "AUDIO")),
+    "ActAvatarDecode": ("ActAvatar", ("IMAGE",)),
+    "ActAvatarSaveVideo": ("ActAvatar", ("VIDEO",)),
+}
+
+
+def test_node_ids_categories_and_outputs_are_the_public_contract():
+    classes, names, skipped = build_mappings()
+    assert set(classes) == set(EXPECTED) and skipped == {}
+    for node_id, (category, outputs) in EXPECTED.items():
+        cls = classes[node_id]
+        assert (cls.CATEGORY, tuple(cls.RETURN_TYPES)) == (category, outputs), node_id
+        assert names[node_id].startswith("ActAvatar ")
+        assert callable(getattr(cls, cls.FUNCTION))
+        types = cls.INPUT_TYPES()
+        assert set(types) <= {"required", "optional", "hidden"}
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+
+
+def test_input_names_and_defaults():
+    phase = ActAvatarPhasePrompt.INPUT_TYPES()
+    assert list(phase["required"]) == ["phase_script", "duration", "fps"] and list(phase["optional"]) == ["audio"]
+    assert phase["required"]["fps"][1]["default"] == 25.0 and phase["required"]["duration"][1]["default"] == 0.0
+    default_script = glue.PhaseScript.parse(phase["required"]["phase_script"][1]["default"])
+    assert len(default_script.phases) == 2 and default_script.problems() == []
+    sampler = ActAvatarSampler.INPUT_TYPES()["required"]
+    assert list(sampler)[:5] == ["model", "conditioning", "audio_embeds", "image", "vae"]
+    assert (sampler["width"][1]["step"], sampler["width"][1]["min"]) == (32, 32)
+    assert (sampler["steps"][1]["default"], sampler["text_cfg"][1]["default"], sampler["audio_cfg"][1]["default"],
+            sampler["shift"][1]["default"]) == (40, 5.0, 5.0, 5.0)
+    assert sampler["seed"][1]["control_after_generate"] is True
+    assert sampler["sampler"][0] == ["unipc", "euler"] and sampler["paca_mode"][0] == ["routed", "learned", "global"]
+    save = ActAvatarSaveVideo.INPUT_TYPES()
+    assert save["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"} and ActAvatarSaveVideo.OUTPUT_NODE
+
+
+def test_missing_dependency_skips_only_the_nodes_that_need_it():
+    classes, _, skipped = build_mappings(lambda names: [n for n in names if n == "diffusers"])
+    assert "ActAvatarPhasePrompt" in classes and "ActAvatarModelLoader" not in classes
+    assert skipped["ActAvatarModelLoader"] == ["diffusers"] and "ActAvatarSampler" in skipped
+
+
+def test_pack_imports_cleanly_without_diffusers():
+    """The pack's root __init__ loaded the way ComfyUI loads it, with diffusers unimportable: no exception, the nodes
+    that do not need it registered, a log line naming what is missing."""
+    code = f"""
+import importlib.abc, importlib.util, logging, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == 'diffusers' or name.startswith('diffusers.'):
+            raise ImportError('blocked for the test')
+sys.meta_path.insert(0, Block())
+logging.basicConfig(level=logging.INFO, format='%(message)s')
+spec = importlib.util.spec_from_file_location('pack_under_test', {str(ROOT / '__init__.py')!r})
+module = importlib.util.module_from_spec(spec); sys.modules['pack_under_test'] = module
+spec.loader.exec_module(module)
+print('NODES', sorted(module.NODE_CLASS_MAPPINGS), module.WEB_DIRECTORY)
+"""
+    env = {**os.environ, "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("NODES")][0]
+    assert "ActAvatarPhasePrompt" in line and "ActAvatarSaveVideo" in line and "./web" in line
+    assert "ActAvatarModelLoader" not in line and "ActAvatarSampler" not in line
+    assert "missing Python package(s) diffusers" in out.stderr and "pip install -r" in out.stderr
+
+
+# ============================================================================================ phase prompt
+@pytest.mark.parametrize("script, duration, fps, needle", [
+    ("{not json", 0.0, 25.0, "not valid JSON"),
+    ('{"base": "x", "phases": [{"start": 0, "end": 2, "text": "a"}, {"start": 1, "end": 3, "text": "b"}]}', 0, 25,
+     "overlap"),
+    ("A man | 0-5s: waves", 4.0, 25.0, "ends after the clip"),
+    ("A man | 0.5-0.55s: waves", 0.0, 25.0, "too short"),
+    ("| 0-1s: waves", 0.0, 25.0, "base prompt is empty"),
+    ("A man | 0-1s: waves", 0.0, 0.5, "fps 0.5 is outside"),
+    ("A man | 0-1s: waves", -1.0, 25.0, "duration -1 is outside"),
+])
+def test_validate_inputs_returns_the_engine_message(script, duration, fps, needle):
+    message = ActAvatarPhasePrompt.VALIDATE_INPUTS(script, duration, fps)
+    assert isinstance(message, str) and needle in message and "Fix:" in message
+
+
+def test_validate_inputs_accepts_json_compact_and_linked_scripts():
+    assert ActAvatarPhasePrompt.VALIDATE_INPUTS(ActAvatarPhasePrompt.INPUT_TYPES()["required"]["phase_script"][1]["default"], 0.0, 25.0) is True
+    assert ActAvatarPhasePrompt.VALIDATE_INPUTS("A man talks | 0-2s: waves | 2-4.5s: points down", 5.0, 24.0) is True
+    assert ActAvatarPhasePrompt.VALIDATE_INPUTS(None, 0.0, 25.0) is True  # linked: checked when it runs
+
+
+def test_phase_prompt_checks_against_the_connected_audio(speech):
+    audio = comfy_audio(speech, 1.0)
+    with pytest.raises(PhaseScriptError, match="ends after the clip"):
+        ActAvatarPhasePrompt().build("A man | 0-2s: waves", 0.0, 25.0, audio)
+    phase, = ActAvatarPhasePrompt().build("A man | 0-1s: waves", 0.0, 24.0, audio)
+    assert (phase.fps, phase.duration, phase.audio_duration) == (24.0, None, 1.0)
+    assert phase.script.phases[0].text == "waves"
+
+
+# ============================================================================================ end to end
+def test_node_chain_equals_the_pipeline_bit_for_bit(tiny_models, portrait, speech):
+    audio = comfy_audio(speech)
+    latent, fps, clip_audio, frames, _ = run_chain(tiny_models, audio, comfy_image(portrait))
+    reference = ActAvatarPipeline(tiny_models).generate(GenerationRequest(
+        image=portrait, audio=audio, phases=SCRIPT, width=64, height=64, fps=25,
+        options=SamplingOptions(steps=2, seed=1)))
+    assert frames.shape == (33, 64, 64, 3) and frames.dtype == torch.float32
+    assert np.array_equal((frames.numpy() * 255).round().astype(np.uint8), reference.frames)
+    assert fps == 25.0 and latent["samples"].shape == (1, 48, 9, 4, 4)
+    # The clip's audio: same rate and channels as the input, exactly 33 frames / 25 fps long.
+    assert clip_audio["sample_rate"] == 22050 and clip_audio["waveform"].shape == (1, 1, round(33 / 25 * 22050))
+    # A progress tick per sampling step, then per decoded chunk.
+    assert bridge.PROGRESS_LOG[:2] == [(1, 2, False), (2, 2, False)]
+
+
+def test_fps_comes_from_the_phase_prompt(tiny_models, portrait, speech):
+    """fps is set once: 24 fps makes a different clip length and audio windows than 25, and is the fps output."""
+    audio = comfy_audio(speech)
+    latent, fps, clip_audio, frames, embeds = run_chain(tiny_models, audio, comfy_image(portrait), fps=24.0)
+    assert fps == 24.0 and frames.shape[0] == 29  # 1.2 s * 24 = 28.8 -> 29 frames (4k+1)
+    assert latent["samples"].shape[2] == 8
+    emb = embeds.embedding(24.0, 29, tiny_models.transformer.config.audio_window)
+    assert emb.fps == 24.0 and emb.features.shape[1] == 8
+
+
+def test_fixed_frames_and_bad_frames(tiny_models, portrait, speech):
+    audio = comfy_audio(speech)
+    latent, _, clip_audio, frames, _ = run_chain(tiny_models, audio, comfy_image(portrait), frames=41)
+    assert frames.shape[0] == 41 and clip_audio["waveform"].shape[-1] == round(41 / 25 * 22050)
+    with pytest.raises(PhaseScriptError, match="Use 45 or 49 frames"):
+        run_chain(tiny_models, audio, comfy_image(portrait), frames=48)
+    assert "4k+1" in ActAvatarSampler.VALIDATE_INPUTS(64, 64, 48)
+    assert "multiple of 32" in ActAvatarSampler.VALIDATE_INPUTS(70, 64, 0)
+    assert ActAvatarSampler.VALIDATE_INPUTS(64, 96, 49) is True
+
+
+def test_script_longer_than_fixed_clip_fails_before_sampling(tiny_models, portrait, speech):
+    with pytest.raises(PhaseScriptError, match="ends after the clip"):
+        run_chain(tiny_models, comfy_audio(speech), comfy_image(portrait), frames=9)
+    assert bridge.PROGRESS_LOG == []  # refused before any step
+
+
+def test_audio_schedule_override_is_restored(tiny_models, portrait, speech):
+    model = tiny_models.transformer
+    trained = model.audio_block_scales()
+    run_chain(tiny_models, comfy_audio(speech), comfy_image(portrait), audio_schedule="uniform")
+    assert model.audio_block_scales() == trained and model._audio_scale_override is None
+
+
+def test_interrupt_stops_within_a_step_and_restores_the_model(tiny_models, portrait, speech, monkeypatch):
+    ticks = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            ticks.append(value)
+            bridge.request_interrupt(True)  # the user presses Cancel during step 1
+
+    monkeypatch.setattr(bridge, "progress_bar", Bar)
+    with pytest.raises(bridge.Interrupted):
+        run_chain(tiny_models, comfy_audio(speech), comfy_image(portrait), steps=6, audio_schedule="uniform")
+    assert ticks == [1]  # stopped before step 2
+    assert tiny_models.transformer._audio_scale_override is None
+
+
+def test_latent_preview_is_passed_to_the_progress_bar(tiny_models, portrait, speech, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bridge, "latent_previewer", lambda device: (lambda x0: seen.append(tuple(x0.shape)) or "JPEG"))
+    run_chain(tiny_models, comfy_audio(speech), comfy_image(portrait))
+    assert seen == [(1, 48, 1, 4, 4)] * 2  # one middle latent frame per step
+    assert bridge.PROGRESS_LOG[:2] == [(1, 2, True), (2, 2, True)]
+
+
+# ============================================================================================ audio
+def test_audio_encode_checks_the_speech_before_any_sampling(tiny_models):
+    _, _, _, ae = handles(tiny_models)
+    with pytest.raises(AudioInputError, match="silent"):
+        ActAvatarAudioEncode().encode(audio={"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}, audio_encoder=ae)
+    with pytest.raises(AudioInputError, match="needs the speech AUDIO and an audio encoder"):
+        ActAvatarAudioEncode().encode(audio=None, audio_encoder=ae)
+
+
+def test_core_audio_encoder_output_gives_the_same_windows(tiny_models, speech):
+    """AUDIO_ENCODER_OUTPUT (core's AudioEncoderEncode dict) is windowed exactly like our own encoder's features."""
+    from actavatar_core.audio import fit_waveform, load_waveform, wav2vec2_hidden_states
+
+    _, _, _, ae = handles(tiny_models)
+    audio = comfy_audio(speech)
+    ours, = ActAvatarAudioEncode().encode(audio=audio, audio_encoder=ae)
+    fitted = fit_waveform(load_waveform({"waveform": audio["waveform"][0], "sample_rate": 22050}), 33, 25.0)
+    hidden = wav2vec2_hidden_states(tiny_models.audio_encoder, fitted)  # (T, L, C)
+    core_output = {"encoded_audio": hidden[None, :, -1], "audio_samples": fitted.samples.numel(),
+                   "encoded_audio_all_layers": [hidden[None, :, layer] for layer in range(hidden.shape[1])]}
+    theirs, = ActAvatarAudioEncode().encode(audio=audio, audio_encoder_output=core_output)
+    window = tiny_models.transformer.config.audio_window
+    a, b = ours.embedding(25.0, 33, window), theirs.embedding(25.0, 33, window)
+    assert torch.allclose(a.features, b.features, atol=1e-6) and a.features.shape == (1, 9, window, 4, 32)
+    assert theirs.source == "audio_encoder_output" and theirs.original is audio
+
+
+def test_audio_features_of_the_wrong_encoder_are_refused(tiny_models, portrait, speech):
+    model, te, vae, _ = handles(tiny_models)
+    wide = {"encoded_audio_all_layers": [torch.randn(1, 60, 768) for _ in range(13)], "audio_samples": 19200}
+    embeds, = ActAvatarAudioEncode().encode(audio=comfy_audio(speech), audio_encoder_output=wide)
+    phase, = ActAvatarPhasePrompt().build(SCRIPT, 0.0, 25.0, None)
+    cond, = ActAvatarPhaseEncode().encode(te, phase, "")
+    with pytest.raises(WeightsError, match="13 layers of width 768") as info:
+        ActAvatarSampler().sample(model, cond, embeds, comfy_image(portrait), vae, **SAMPLER_DEFAULTS)
+    assert "trained on 4 layers of width 32" in str(info.value) and "Fix:" in str(info.value)
+    assert bridge.PROGRESS_LOG == []
+
+
+def test_speech_embedding_is_memoised(tiny_models, speech):
+    calls = []
+    _, _, _, ae = handles(tiny_models)
+    embeds, = ActAvatarAudioEncode().encode(audio=comfy_audio(speech), audio_encoder=ae)
+    original = embeds.encode
+    embeds.encode = lambda wave: calls.append(1) or original(wave)
+    first = embeds.embedding(25.0, 33, 8)
+    assert embeds.embedding(25.0, 33, 8) is first and len(calls) == 1
+    embeds.embedding(24.0, 29, 8)
+    assert len(calls) == 2
+
+
+# ============================================================================================ latents
+def test_latent_holds_raw_vae_latents(portrait):
+    """LATENT["samples"] = normalised * std + mean with the VAE's own statistics (ComfyUI's Wan22 convention), and
+    Decode of a raw LATENT equals the engine's decode of the normalised latents."""
+    from actavatar_core.tiny import tiny_vae
+    from actavatar_core.vae import decode_latents, encode_reference
+
+    g = torch.Generator().manual_seed(3)
+    mean = (0.3 * torch.randn(48, generator=g)).tolist()
+    std = (0.5 + torch.rand(48, generator=g)).tolist()
+    vae = tiny_vae(seed=0, latents_mean=mean, latents_std=std)
+    normalised = torch.randn(1, 48, 3, 4, 4, generator=g)
+    raw = glue.raw_latents(normalised, vae)
+    expected = normalised * torch.tensor(std).view(1, 48, 1, 1, 1) + torch.tensor(mean).view(1, 48, 1, 1, 1)
+    assert torch.allclose(raw, expected, atol=1e-6)
+    assert torch.allclose(glue.normalised_latents(raw, vae), normalised, atol=1e-5)
+    handle = LoadedModel(bridge.manage(vae, "vae"), "tiny")
+    frames, = ActAvatarDecode().decode(handle, {"samples": raw}, 2)
+    got = (frames.numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(got, decode_latents(vae, glue.normalised_latents(raw, vae)))
+    # ...and matches decoding the engine's latents up to float rounding of the round trip (at most 1 level).
+    assert np.abs(got.astype(int) - decode_latents(vae, normalised).astype(int)).max() <= 1
+
+
+def test_decode_refuses_a_wan21_latent():
+    from actavatar_core.errors import ImageInputError
+    from actavatar_core.tiny import tiny_vae
+
+    handle = LoadedModel(bridge.manage(tiny_vae(seed=0), "vae"), "tiny")
+    with pytest.raises(ImageInputError, match="48 channels"):
+        ActAvatarDecode().decode(handle, {"samples": torch.zeros(1, 16, 3, 8, 8)}, 4)
+
+
+def test_decode_is_interruptible(tiny_models, monkeypatch):
+    handle = LoadedModel(bridge.manage(tiny_models.vae, "vae"), "tiny")
+    bridge.request_interrupt(True)
+    with pytest.raises(bridge.Interrupted):
+        ActAvatarDecode().decode(handle, {"samples": torch.zeros(1, 48, 5, 4, 4)}, 1)
+
+
+# ============================================================================================ saving
+def _frames(count=9, size=64):
+    t = torch.linspace(0, 1, count)[:, None, None, None]
+    return (t * torch.ones(count, size, size, 3)).float()
+
+
+def test_save_video_writes_mp4_with_audio_metadata_and_preview(tmp_path, speech):
+    audio = comfy_audio(speech, 2.0, 44100, 2)
+    prompt = {"12": {"class_type": "ActAvatarSaveVideo", "inputs": {}}}
+    workflow = {"nodes": [{"id": 12}], "links": []}
+    result = ActAvatarSaveVideo().save(_frames(), 25.0, "clips/AA", 18, audio, prompt=prompt,
+                                       extra_pnginfo={"workflow": workflow})
+    ui = result["ui"]
+    assert ui["images"] == [{"filename": "AA_00001_.mp4", "subfolder": "clips", "type": "output"}]
+    assert ui["animated"] == (True,)
+    path = tmp_path / "output" / "clips" / "AA_00001_.mp4"
+    assert result["result"][0].get_stream_source() == str(path)
+    info = probe_video(path)
+    assert (info["video_codec"], info["frames"], info["fps"], info["width"]) == ("h264", 9, 25.0, 64)
+    assert info["audio_codec"] == "aac" and info["audio_channels"] == 2 and abs(info["audio_duration"] - 9 / 25) < 0.05
+    assert json.loads(info["metadata"]["prompt"]) == prompt and json.loads(info["metadata"]["workflow"]) == workflow
+    assert oct(path.stat().st_mode & 0o077) != "0o0"  # readable like any new file, not private
+    second = ActAvatarSaveVideo().save(_frames(), 25.0, "clips/AA", 18, None)
+    assert second["ui"]["images"][0]["filename"] == "AA_00002_.mp4"
+    assert "audio_codec" not in probe_video(tmp_path / "output" / "clips" / "AA_00002_.mp4")
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "/tmp/abs", "a/../../escape", "C:/x", "..\\win"])
+def test_save_video_never_writes_outside_the_output_folder(tmp_path, prefix):
+    with pytest.raises(OutputPathError, match="outside the output folder"):
+        ActAvatarSaveVideo().save(_frames(), 25.0, prefix, 18, None)
+    written = [p for p in tmp_path.rglob("*.mp4")]
+    assert written == []
+
+
+def test_save_video_expands_date_variables(tmp_path):
+    result = ActAvatarSaveVideo().save(_frames(), 25.0, "%year%/AA_%width%x%height%", 18, None)
+    entry = result["ui"]["images"][0]
+    assert entry["subfolder"].isdigit() and len(entry["subfolder"]) == 4 and entry["filename"] == "AA_64x64_00001_.mp4"
+
+
+def test_cancelled_save_leaves_no_file(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def cancel_on_second_chunk():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise bridge.Interrupted("Processing interrupted")
+
+    monkeypatch.setattr(bridge, "throw_if_interrupted", cancel_on_second_chunk)
+    with pytest.raises(bridge.Interrupted):
+        ActAvatarSaveVideo().save(_frames(40), 25.0, "AA", 18, None)
+    assert list((tmp_path / "output").rglob("*")) == []  # neither the video nor its temporary file
+
+
+def test_save_video_refuses_odd_sizes(tmp_path):
+    from actavatar_core.errors import ImageInputError
+
+    with pytest.raises(ImageInputError, match="even width and height"):
+        ActAvatarSaveVideo().save(torch.zeros(5, 63, 64, 3), 25.0, "AA", 18, None)
+
+
+# ============================================================================================ loaders
+@pytest.fixture(scope="module")
+def tiny_comfy_models(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    return models, write_tiny_comfy_models(models)
+
+
+def _use_models_folder(models: Path):
+    for folder in ("diffusion_models", "text_encoders", "vae", "audio_encoders", "actavatar"):
+        bridge.set_folder_paths(folder, [models / folder])
+
+
+def test_loaders_read_community_files_and_the_chain_runs(tiny_comfy_models, portrait, speech):
+    from nodes.loaders import (ActAvatarAudioEncoderLoader, ActAvatarModelLoader, ActAvatarTextEncoderLoader,
+                               ActAvatarVAELoader)
+
+    models, names = tiny_comfy_models
+    _use_models_folder(models)
+    assert ActAvatarModelLoader.INPUT_TYPES()["required"]["actavatar_weights"][0] == ["none", names["actavatar"]]
+    model, = ActAvatarModelLoader().load(names["diffusion_models"], names["actavatar"], "auto", "auto")
+    te, = ActAvatarTextEncoderLoader().load(names["text_encoders"], "fp32", "cpu")
+    vae, = ActAvatarVAELoader().load(names["vae"], "auto", "auto")
+    ae, = ActAvatarAudioEncoderLoader().load(names["audio_encoders"], "auto", "offload_after_use")
+    assert model.module.config.audio_feature_dim == 64 and te.tokenizer is not None and ae.do_normalize is True
+    assert next(model.module.parameters()).dtype == torch.float32  # auto on the CPU
+    audio = comfy_audio(speech)
+    with torch.inference_mode():
+        phase, = ActAvatarPhasePrompt().build(SCRIPT, 0.0, 25.0, audio)
+        cond, = ActAvatarPhaseEncode().encode(te, phase, "")
+        embeds, = ActAvatarAudioEncode().encode(audio=audio, audio_encoder=ae)
+        latent, fps, _ = ActAvatarSampler().sample(model, cond, embeds, comfy_image(portrait), vae, **SAMPLER_DEFAULTS)
+        frames, = ActAvatarDecode().decode(vae, latent, 4)
+    assert frames.shape == (33, 64, 64, 3) and torch.isfinite(frames).all()
+
+
+def test_loader_cache_key_follows_the_file(tiny_comfy_models):
+    from nodes.loaders import ActAvatarVAELoader
+
+    models, names = tiny_comfy_models
+    _use_models_folder(models)
+    first = ActAvatarVAELoader.IS_CHANGED(names["vae"], "auto", "auto")
+    assert ActAvatarVAELoader.IS_CHANGED(names["vae"], "fp32", "cpu") == first  # stable: ComfyUI's cache holds
+    path = models / "vae" / names["vae"]
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
+    assert ActAvatarVAELoader.IS_CHANGED(names["vae"], "auto", "auto") != first  # a replaced file reloads
+
+
+def test_loader_refuses_the_wrong_kind_of_file(tiny_comfy_models, tmp_path):
+    from nodes.loaders import ActAvatarModelLoader
+
+    models, names = tiny_comfy_models
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    (folder / "oops.safetensors").write_bytes((models / "vae" / names["vae"]).read_bytes())
+    bridge.set_folder_paths("diffusion_models", [folder])
+    bridge.set_folder_paths("actavatar", [])
+    with pytest.raises(WeightsError, match="expected") as info:
+        ActAvatarModelLoader().load("oops.safetensors", "none", "auto", "auto")
+    assert "Fix:" in str(info.value)
+    with pytest.raises(WeightsError, match="not in the 'diffusion_models' model folder"):
+        ActAvatarModelLoader().load("gone.safetensors", "none", "auto", "auto")
+
+
+def test_bundled_mini_model_folders_are_registered(tmp_path):
+    from nodes.model_folders import MINI_FILES, default_choice, register_model_folders
+
+    for folder, name in MINI_FILES.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"x")
+        bridge.set_folder_paths(folder, [])
+    register_model_folders(tmp_path)
+    for folder, name in MINI_FILES.items():
+        assert name in bridge.filename_list(folder)
+        assert default_choice(folder, bridge.filename_list(folder)) == name
+
+
+# ============================================================================================ demo inputs
+def test_demo_inputs_are_written_once(tmp_path):
+    written = glue.write_demo_inputs(tmp_path, "ref.png", "speech.wav")
+    assert [p.name for p in written] == ["ref.png", "speech.wav"]
+    from PIL import Image
+
+    from actavatar_core.audio import load_waveform
+
+    assert Image.open(tmp_path / "ref.png").size[0] >= 64
+    assert load_waveform(str(tmp_path / "speech.wav")).duration >= 2.8  # covers the shipped workflows' phases
+    (tmp_path / "speech.wav").write_bytes(b"mine")
+    assert glue.write_demo_inputs(tmp_path, "ref.png", "speech.wav") == []
+    assert (tmp_path / "speech.wav").read_bytes() == b"mine"  # the user's file is kept
