@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,16 +28,20 @@ import torch
 
 log = logging.getLogger("ActAvatar")
 
-try:  # ---------------------------------------------------------------------------------------- ComfyUI present?
-    import comfy.model_management as _mm
-    import comfy.model_patcher as _model_patcher
-    import comfy.utils as _comfy_utils
-    import folder_paths as _folder_paths
+# Inside ComfyUI these modules are loaded before any custom node. Only then are they used: importing them into a
+# process that is not ComfyUI (a test run with ComfyUI on sys.path) would parse its command line and probe CUDA.
+_mm = _model_patcher = _comfy_utils = _folder_paths = None
+IN_COMFYUI = False
+if "comfy.model_management" in sys.modules and "folder_paths" in sys.modules:
+    try:
+        import comfy.model_management as _mm
+        import comfy.model_patcher as _model_patcher
+        import comfy.utils as _comfy_utils
+        import folder_paths as _folder_paths
 
-    IN_COMFYUI = True
-except ImportError:  # not running inside ComfyUI
-    _mm = _model_patcher = _comfy_utils = _folder_paths = None
-    IN_COMFYUI = False
+        IN_COMFYUI = True
+    except ImportError:  # a broken ComfyUI install: run with the stand-ins
+        _mm = _model_patcher = _comfy_utils = _folder_paths = None
 
 
 # ================================================================================================ interrupts

@@ -1,0 +1,314 @@
+"""The pack inside a real ComfyUI server (v0.8.0 at COMFYUI_DIR), driven over HTTP and the WebSocket.
+
+One ComfyUI (module-scoped) runs on the CPU in a temporary base directory: the repository is symlinked into its
+custom_nodes, its models/ folder holds tiny checkpoints in the community layouts (the real file names), and
+nothing is written to COMFYUI_DIR. The shipped API workflows are queued with the tiny files' names substituted;
+the UI workflows are converted with the server's own /object_info and compared with them.
+
+Run: COMFYUI_DIR=/work/ComfyUI pytest tests/integration/test_comfyui_server.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from comfy_server import ComfyServer, require_comfy_dir, start_comfy  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WORKFLOWS = ROOT / "workflows"
+PACK = "ComfyUI-ActAvatar"
+STEPS = 3
+#: node id of the sampler / phase prompt / save node in both shipped workflows
+SAMPLER, PHASE, LOADERS = "10", "7", ("1", "2", "3", "4")
+
+
+# ============================================================================================ WebSocket
+class WsListener:
+    """Collects the server's WebSocket messages (JSON, and a count of binary preview frames) in a thread, using
+    aiohttp (ComfyUI's own dependency)."""
+
+    def __init__(self, server: ComfyServer):
+        import aiohttp  # noqa: F401 - checked before the thread starts
+
+        self.client_id = uuid.uuid4().hex
+        self.url = f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}"
+        self.messages: list[dict[str, Any]] = []
+        self.binary = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ws = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise TimeoutError(f"WebSocket did not connect: {self._error!r}")
+
+    async def _run(self) -> None:
+        import aiohttp
+
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(self.url, max_msg_size=0) as ws:
+                    self._ws = ws
+                    self._ready.set()
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            self.messages.append(json.loads(msg.data))
+                        elif msg.type == aiohttp.WSMsgType.BINARY:
+                            self.binary += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_for
+            self._error = exc
+            self._ready.set()
+
+    def of(self, kind: str, prompt_id: str | None = None) -> list[dict[str, Any]]:
+        return [m["data"] for m in list(self.messages) if m.get("type") == kind
+                and (prompt_id is None or m.get("data", {}).get("prompt_id") == prompt_id)]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, server: ComfyServer) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self._error is not None:
+                raise RuntimeError(f"WebSocket failed: {self._error!r}")
+            server.check_alive()
+            time.sleep(0.05)
+        raise TimeoutError(f"no matching WebSocket message in {timeout} s; last: {self.messages[-5:]}\n"
+                           f"{server.log_tail()}")
+
+    def wait_done(self, prompt_id: str, server: ComfyServer, timeout: float = 180) -> str:
+        """'execution_success', 'execution_error' or 'execution_interrupted' for the prompt."""
+        kinds = ("execution_success", "execution_error", "execution_interrupted")
+        return self.wait_for(lambda: next((k for k in kinds if self.of(k, prompt_id)), None), timeout, server)
+
+    def close(self) -> None:
+        if self._ws is not None:
+            asyncio.run_coroutine_threadsafe(self._ws.close(), self._loop).result(10)
+        self._thread.join(10)
+
+
+# ============================================================================================ fixtures
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """(server, {model folder: tiny file name}) for the whole module: one ComfyUI start."""
+    comfy_dir = require_comfy_dir()
+    pytest.importorskip("aiohttp", reason="aiohttp (a ComfyUI requirement) is needed for the WebSocket")
+    from test_nodes import write_tiny_comfy_models
+
+    base = tmp_path_factory.mktemp("comfy-base")
+    names = write_tiny_comfy_models(base / "models")
+    server = start_comfy(comfy_dir, base_dir=base, custom_nodes={PACK: ROOT},
+                         extra_args=["--preview-method", "latent2rgb"])
+    try:
+        yield server, names
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ws(comfy):
+    listener = WsListener(comfy[0])
+    yield listener
+    listener.close()
+
+
+def api_workflow(name: str, names: dict[str, str], **sampler: Any) -> dict[str, Any]:
+    """A shipped API workflow with the tiny files' names and small sizes substituted."""
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+    prompt["1"]["inputs"].update(model_name=names["diffusion_models"], actavatar_weights=names["actavatar"])
+    prompt["2"]["inputs"]["text_encoder_name"] = names["text_encoders"]
+    prompt["3"]["inputs"]["vae_name"] = names["vae"]
+    prompt["4"]["inputs"]["audio_encoder_name"] = names["audio_encoders"]
+    prompt[SAMPLER]["inputs"].update({"width": 64, "height": 64, "steps": STEPS, **sampler})
+    return prompt
+
+
+def queue(server: ComfyServer, prompt: dict, client_id: str | None = None, workflow: dict | None = None) -> str:
+    body: dict[str, Any] = {"prompt": prompt}
+    if client_id:
+        body["client_id"] = client_id
+    if workflow is not None:
+        body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+    status, answer = server.post_json("/prompt", body)
+    assert status == 200, answer
+    assert answer["node_errors"] == {}
+    return answer["prompt_id"]
+
+
+def output_files(server: ComfyServer) -> set[Path]:
+    return {p for p in (server.base_dir / "output").rglob("*") if p.is_file()}
+
+
+def expected_frames(server: ComfyServer, prompt: dict) -> int:
+    from actavatar_core.audio import load_waveform
+    from actavatar_core.phases import frames_for_duration
+
+    speech = load_waveform(str(server.base_dir / "input" / prompt["6"]["inputs"]["audio"]))
+    return frames_for_duration(speech.duration, prompt[PHASE]["inputs"]["fps"])
+
+
+def check_mp4(path: Path, frames: int, fps: float, metadata: tuple[str, ...] = ()) -> dict:
+    from actavatar_core.video import probe_video
+
+    info = probe_video(path)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac", info
+    assert (info["frames"], info["fps"], info["width"], info["height"]) == (frames, fps, 64, 64)
+    assert abs(info["audio_duration"] - frames / fps) < 0.06
+    for key in metadata:
+        assert key in info["metadata"], (key, list(info["metadata"]))
+    return info
+
+
+# ============================================================================================ tests
+def test_pack_loads_with_every_node(comfy):
+    server, names = comfy
+    from nodes import NODES
+
+    log = server.log_tail(200_000)
+    assert "Cannot import" not in log and "ActAvatar: missing" not in log, log[-3000:]
+    info = server.get_json("/object_info")
+    for node_id, (cls, display) in NODES.items():
+        assert node_id in info, f"{node_id} is not registered\n{log[-3000:]}"
+        entry = info[node_id]
+        assert entry["display_name"] == display and entry["category"] == cls.CATEGORY
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            assert list(entry["input"].get(section, {})) == list(types.get(section, {})), (node_id, section)
+        assert list(entry["output"]) == list(cls.RETURN_TYPES)
+    assert info["ActAvatarSaveVideo"]["output_node"] is True
+    loader = info["ActAvatarModelLoader"]["input"]["required"]
+    assert names["diffusion_models"] in loader["model_name"][0]
+    assert loader["actavatar_weights"][0] == ["none", names["actavatar"]]  # the new models/actavatar folder
+    assert server.get_json("/system_stats")["devices"][0]["type"] == "cpu"
+    extensions = server.get_json("/extensions")
+    assert any(e.endswith("actavatar_timeline.js") for e in extensions), extensions
+    for demo in ("actavatar_demo_reference.png", "actavatar_demo_speech.wav"):  # copied on first load
+        assert (server.base_dir / "input" / demo).is_file()
+
+
+def _widget_names(entry: dict) -> list[str | None]:
+    """Widget order of a node as the frontend builds it from /object_info (None: UI-only widget values)."""
+    out: list[str | None] = []
+    for section in ("required", "optional"):
+        for name in entry["input_order"].get(section, []):
+            spec = entry["input"][section][name]
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                out.append(name)
+                if options.get("control_after_generate"):
+                    out.append(None)
+                if options.get("image_upload"):
+                    out.append(None)  # the upload button's value
+                if options.get("audio_upload"):
+                    out += [None, None]  # the upload button and the audio player
+    return out
+
+
+@pytest.mark.parametrize("name", ["actavatar_timeline", "actavatar_core_video"])
+def test_ui_workflow_has_no_missing_nodes_and_matches_the_api_file(comfy, name):
+    server, _ = comfy
+    info = server.get_json("/object_info")
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+    links = {link[0]: link for link in ui["links"]}
+    missing = sorted({n["type"] for n in ui["nodes"]} - set(info))
+    assert missing == []
+    for node in ui["nodes"]:
+        entry = info[node["type"]]
+        widgets = _widget_names(entry)
+        assert len(widgets) == len(node["widgets_values"]), node["type"]
+        inputs = {w: v for w, v in zip(widgets, node["widgets_values"]) if w is not None}
+        for slot in node["inputs"]:
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+                assert slot["name"] in {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}
+        assert inputs == api[str(node["id"])]["inputs"], node["type"]
+        for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+            if dst == node["id"]:
+                source = next(n for n in ui["nodes"] if n["id"] == src)
+                assert info[source["type"]]["output"][src_slot] == kind
+
+
+def test_timeline_workflow_runs_with_progress_and_writes_the_mp4(comfy, ws):
+    server, names = comfy
+    prompt = api_workflow("actavatar_timeline", names)
+    ui = json.loads((WORKFLOWS / "actavatar_timeline.json").read_text(encoding="utf-8"))
+    prompt_id = queue(server, prompt, ws.client_id, workflow=ui)
+    assert ws.wait_done(prompt_id, server) == "execution_success", server.log_tail()
+    ticks = [(p["value"], p["max"]) for p in ws.of("progress", prompt_id) if p["node"] == SAMPLER]
+    assert ticks[:STEPS] == [(i, STEPS) for i in range(1, STEPS + 1)]
+    assert ws.binary >= 1  # latent previews (--preview-method latent2rgb)
+    executed = [m for m in ws.of("executed", prompt_id) if m["node"] == "12"]
+    saved = executed[0]["output"]["images"][0]
+    assert saved["type"] == "output" and saved["subfolder"] == "ActAvatar" and saved["filename"].endswith(".mp4")
+    path = server.base_dir / "output" / saved["subfolder"] / saved["filename"]
+    info = check_mp4(path, expected_frames(server, prompt), 25.0, metadata=("prompt", "workflow"))
+    assert json.loads(info["metadata"]["prompt"])[SAMPLER]["class_type"] == "ActAvatarSampler"
+    status, body = server.request("GET", f"/view?filename={saved['filename']}&subfolder=ActAvatar&type=output")
+    assert status == 200 and body == path.read_bytes()
+
+
+def test_core_video_workflow_runs_and_requeue_reuses_the_loaded_models(comfy, ws):
+    server, names = comfy
+    first = queue(server, api_workflow("actavatar_core_video", names, seed=7), ws.client_id)
+    assert ws.wait_done(first, server) == "execution_success", server.log_tail()
+    saved = [m for m in ws.of("executed", first) if m["node"] == "13"][0]["output"]["images"][0]
+    path = server.base_dir / "output" / saved["subfolder"] / saved["filename"]
+    check_mp4(path, expected_frames(server, api_workflow("actavatar_core_video", names)), 25.0)
+    again = queue(server, api_workflow("actavatar_core_video", names, seed=8), ws.client_id)
+    assert ws.wait_done(again, server) == "execution_success", server.log_tail()
+    cached = set(ws.of("execution_cached", again)[0]["nodes"])
+    assert set(LOADERS) | {PHASE, "8", "9"} <= cached and SAMPLER not in cached
+
+
+def test_bad_phase_script_is_refused_at_queue_time(comfy):
+    server, names = comfy
+    before = server.get_json("/queue")
+    prompt = api_workflow("actavatar_timeline", names)
+    prompt[PHASE]["inputs"]["phase_script"] = ("A man talks | 0-2s: raises the left hand | 1-2.5s: waves the right "
+                                               "hand")
+    status, answer = server.post_json("/prompt", {"prompt": prompt})
+    assert status == 400
+    details = " ".join(e["details"] for e in answer["node_errors"][PHASE]["errors"])
+    assert "overlap" in details and "Fix:" in details and "phase_script" in details
+    assert answer["node_errors"][PHASE]["class_type"] == "ActAvatarPhasePrompt"
+    prompt = api_workflow("actavatar_timeline", names, width=70)
+    status, answer = server.post_json("/prompt", {"prompt": prompt})
+    assert status == 400 and "multiple of 32" in json.dumps(answer["node_errors"][SAMPLER])
+    assert server.get_json("/queue") == before  # nothing was queued
+
+
+def test_interrupt_mid_sampling_leaves_no_file_and_comfyui_healthy(comfy, ws):
+    server, names = comfy
+    before = output_files(server)
+    long_run = queue(server, api_workflow("actavatar_timeline", names, steps=1000, seed=11), ws.client_id)
+    ws.wait_for(lambda: [p for p in ws.of("progress", long_run) if p["node"] == SAMPLER], 120, server)
+    status, _ = server.request("POST", "/interrupt", {})
+    assert status == 200
+    assert ws.wait_done(long_run, server, timeout=60) == "execution_interrupted", server.log_tail()
+    steps_done = max(p["value"] for p in ws.of("progress", long_run) if p["node"] == SAMPLER)
+    assert steps_done < 1000
+    assert output_files(server) == before  # no video and no temporary file
+    # ComfyUI stays healthy: the next prompt runs to the end.
+    follow_up = queue(server, api_workflow("actavatar_timeline", names, seed=12), ws.client_id)
+    assert ws.wait_done(follow_up, server) == "execution_success", server.log_tail()
+    new = output_files(server) - before
+    assert len(new) == 1 and next(iter(new)).suffix == ".mp4"
