@@ -41,7 +41,8 @@ ARTIFACTS = ROOT / "artifacts" / "browser"
 AUDIO_NAME = "actavatar_speech.wav"
 AUDIO_SECONDS = 3.0
 NODE_CLASS = "ActAvatarPhasePrompt"
-OUR_CODE = re.compile(r"actavatar|phase_model|phase.?timeline|aa-tl", re.I)
+# Messages from our code: its files in a location or stack, its "[ActAvatar]" log prefix, its extension name.
+OUR_CODE = re.compile(r"actavatar_timeline\.js|phase_model\.mjs|\[ActAvatar\]|ActAvatar\.PhaseTimeline")
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -222,8 +223,7 @@ class Page:
         return path
 
     def our_errors(self) -> list[str]:
-        ours = [line for line in self.console if OUR_CODE.search(line)]
-        return ours + self.page_errors
+        return [line for line in self.console + self.page_errors if OUR_CODE.search(line)]
 
     def close(self) -> None:
         self.context.close()
@@ -284,7 +284,8 @@ def _queue_with_probes(ui: Page, prompt: dict, node_ids: list[int], workflow: di
 # ------------------------------------------------------------------------------------------------ tests
 def test_mouse_editing_reaches_the_api_prompt_and_the_engine(ui: Page):
     """Create, move, resize and edit phases with the mouse; the API prompt and the engine get exactly that."""
-    using_shared = SHARED_WORKFLOW.is_file()
+    # The shared workflow needs the real pack's other nodes; the stand-in setup uses the minimal fixture.
+    using_shared = SHARED_WORKFLOW.is_file() and _real_pack_present()
     workflow = json.loads(SHARED_WORKFLOW.read_text(encoding="utf-8")) if using_shared else _fixture_workflow()
     ui.load(workflow)
     # The extension is one script (phase_model.mjs is imported by it, never listed as an extension of its own),
@@ -470,6 +471,17 @@ def test_keyboard_undo_redo_and_engine_rejections_marked(ui: Page):
     assert any("too short" in p for p in engine)
     assert [m.strip() for m in tl.locator(".aa-problems li").all_inner_texts()] == engine
     ui.shot("engine_rejections_dark.png")
+    # and ComfyUI refuses it too: at queue time (the real node's VALIDATE_INPUTS) or when the node runs (stand-in)
+    sub = _subgraph(ui.api_prompt(), [str(node)])
+    sub["probe"] = {"class_type": "ActAvatarTestPhaseProbe", "inputs": {"phase_prompt": [str(node), 0]}}
+    status, body = ui.comfy.post_json("/prompt", {"prompt": sub, "client_id": uuid.uuid4().hex})
+    if status == 200:
+        entry = ui.comfy.wait_for_prompt(body["prompt_id"], timeout=120)
+        assert entry["status"]["status_str"] == "error"
+        body = entry["status"]
+    else:
+        assert status == 400
+    assert "too short" in json.dumps(body), json.dumps(body)[:3000]
 
 
 def test_themes_zoom_resize_and_two_nodes(ui: Page):
@@ -525,6 +537,12 @@ def test_themes_zoom_resize_and_two_nodes(ui: Page):
     saved = next(n for n in ui.workflow()["nodes"] if n["id"] == b)
     assert saved["properties"]["actavatar_snap"] == 0.5
     assert "actavatar_snap" not in ui.api_prompt()[str(b)]["inputs"]
+
+    # no audio and duration 0: the length is unknown, the timeline says so and spans the phases
+    ui.set_widget(b, "duration", 0)
+    assert "Duration unknown" in ui.tl(b).locator(".aa-clip").inner_text()
+    assert float(ui.tl(b).locator(".aa-track").get_attribute("data-span")) == 10
+    assert ui.tl(b).locator(".aa-block.bad").count() == 0  # nothing to check against the clip yet
 
 
 def test_invalid_value_is_shown_and_kept(ui: Page):

@@ -437,6 +437,8 @@ class Timeline {
       if (this.drag) this.onPointerUp(null);
     });
     this.timeline.addEventListener("keydown", (e) => this.onKeyDown(e));
+    // Follow duration/fps/audio changes before any interaction, even where the canvas does not draw the node.
+    this.root.addEventListener("pointerenter", () => this.poll());
     // The canvas keeps zooming and panning over the widget.
     this.root.addEventListener(
       "wheel",
@@ -649,7 +651,8 @@ class Timeline {
     if (this.root.dataset.nodeId !== id) this.root.dataset.nodeId = id; // lets tests and tools find a node's timeline
     const src = this.audioSource();
     const theme = document.documentElement.style.getPropertyValue("--fg-color");
-    const key = [widgetValue(this.node, "duration"), widgetValue(this.node, "fps"), src?.key ?? "", theme].join("|");
+    const zoom = Math.round((app?.canvas?.ds?.scale || 1) * 20); // sharper waveform when zoomed in
+    const key = [widgetValue(this.node, "duration"), widgetValue(this.node, "fps"), src?.key ?? "", theme, zoom].join("|");
     if (key === this.pollKey) return;
     this.pollKey = key;
     if ((src?.key ?? "") !== (this.audio?.key ?? "")) this.loadAudio(src);
@@ -712,6 +715,9 @@ class Timeline {
   renderRuler(clip) {
     const width = this.track.clientWidth || 400;
     this.track.dataset.span = String(clip.span); // seconds across the track (tests and tooling read it)
+    const key = `${clip.span}|${width}`;
+    if (key === this.rulerKey) return; // nothing to redo while dragging
+    this.rulerKey = key;
     const step = niceTickStep(clip.span, width);
     const minor = step / 5;
     const frag = document.createDocumentFragment();
@@ -866,13 +872,17 @@ class Timeline {
     const dpr = Math.min(3, (window.devicePixelRatio || 1) * Math.max(1, app?.canvas?.ds?.scale || 1));
     const W = Math.round(w * dpr);
     const H = Math.round(h * dpr);
+    const a = this.audio;
+    const theme = document.documentElement.style.getPropertyValue("--fg-color");
+    const key = [W, H, clip.span, a?.key, a?.status, theme].join("|");
+    if (key === this.waveKey) return; // unchanged: keep the pixels
+    this.waveKey = key;
     if (canvas.width !== W || canvas.height !== H) {
       canvas.width = W;
       canvas.height = H;
     }
     const g = canvas.getContext("2d");
     g.clearRect(0, 0, W, H);
-    const a = this.audio;
     if (a?.status !== "ready" || !a.peaks) return;
     const fg = getComputedStyle(this.root).getPropertyValue("--fg-color").trim() || "#888";
     g.fillStyle = fg;
