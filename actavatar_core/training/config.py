@@ -1,0 +1,144 @@
+"""Training configuration: one JSON file describes data, models, and the stages to run.
+
+Keys (all optional except ``output_dir`` and ``data.dataset``)::
+
+    {
+      "name": "actavatar-mini",
+      "output_dir": "runs/mini",
+      "seed": 0,
+      "data": {"dataset": "data/synth-train",            # annotations.jsonl + clips/ (see actavatar_core/synth)
+               "synth": {"clips": 400, "seed": 0, "size": 128, "fps": 25, "duration": 3.0},  # generate if missing
+               "cache": "runs/mini/cache", "shard_size": 64},
+      "models": {"init": "mini-scratch" | "files" | "folder",
+                 "folder": "...",                          # init=folder: an ActAvatar model folder
+                 "files": {"transformer": "...", "vae": "...", "text_encoder": "...", "audio_encoder": "...",
+                           "actavatar": null},             # init=files: users' checkpoints (actavatar_core.loading)
+                 "transformer": {...}, "vae": {...}, "text_encoder": {...}, "audio_encoder": {...}},  # mini-scratch configs
+      "text_len": 512,
+      "stages": ["vae", "stage0", "stage1", "stage2"],      # any subset, in this order
+      "vae":    {"steps": 1500, "lr": 1e-3, "batch_size": 4, "frames": 9},
+      "stage0": {"steps": 2000, "lr": 5e-4, "prompt": "global"},   # backbone pretraining (mini only; Wan is pretrained)
+      "stage1": {"steps": 1000, "lr": 5e-4, "prompt": "caption"},  # paper stage 1: audio adapter only, brief captions
+      "stage2": {"steps": 2000, "lr": 2e-4, "prompt": "phased", "train": "full" | "lora", "lora_rank": 16},
+      "batch_size": 4, "grad_accum": 1, "weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_steps": 50,
+      "shift": 5.0, "caption_dropout": 0.1, "audio_dropout": 0.1,
+      "gradient_checkpointing": false, "mixed_precision": "auto",
+      "checkpoint_every": 200, "validate_every": 0, "log_every": 10,
+      "audio_schedule": "progressive", "audio_gamma": 1.5,
+      "paca_mode": "learned"
+    }
+
+Paper values for a full-size run: stage1 20K steps and stage2 14K steps, batch 40, lr 5e-6, AdamW.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("vae", "stage0", "stage1", "stage2")
+PROMPTS = ("caption", "global", "phased")
+
+
+@dataclass
+class StageConfig:
+    steps: int = 1000
+    lr: float = 5e-4
+    prompt: str = "phased"
+    train: str = "full"  # stage 2: full or lora
+    lora_rank: int = 16
+    batch_size: int | None = None  # None: the top-level batch size
+    frames: int = 9  # vae stage: frames per training clip
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    dataset: str
+    name: str = "actavatar"
+    seed: int = 0
+    synth: dict[str, Any] | None = None
+    cache: str | None = None
+    shard_size: int = 64
+    models: dict[str, Any] = field(default_factory=lambda: {"init": "mini-scratch"})
+    text_len: int = 512
+    stages: list[str] = field(default_factory=lambda: ["stage1", "stage2"])
+    stage: dict[str, StageConfig] = field(default_factory=dict)
+    batch_size: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 50
+    shift: float = 5.0
+    caption_dropout: float = 0.1
+    audio_dropout: float = 0.1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 200
+    validate_every: int = 0
+    log_every: int = 10
+    audio_schedule: str = "progressive"
+    audio_gamma: float = 1.5
+    paca_mode: str = "learned"
+    num_workers: int = 0
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache) if self.cache else Path(self.output_dir) / "cache"
+
+    def stage_config(self, name: str) -> StageConfig:
+        return self.stage.get(name, StageConfig())
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["stage"] = {k: asdict(v) for k, v in self.stage.items()}
+        return out
+
+
+def load_config(path: "str | os.PathLike", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a JSON config; relative paths in it are taken relative to the config file's folder."""
+    path = Path(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw.update(overrides or {})
+    return config_from_dict(raw, base_dir=path.parent)
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -> TrainConfig:
+    raw = dict(raw)
+    base = Path(base_dir)
+    data = raw.pop("data", {})
+    if "output_dir" not in raw or "dataset" not in data:
+        raise ValueError("a training config needs 'output_dir' and 'data.dataset'")
+
+    def rel(p: str | None) -> str | None:
+        return None if p is None else str(p if os.path.isabs(p) else base / p)
+
+    stages = raw.pop("stages", ["stage1", "stage2"])
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    stage_cfgs = {}
+    for name in STAGES:
+        if name in raw:
+            values = raw.pop(name)
+            cfg = StageConfig(**values)
+            if cfg.prompt not in PROMPTS:
+                raise ValueError(f"{name}.prompt must be one of {PROMPTS}")
+            stage_cfgs[name] = cfg
+    models = raw.pop("models", {"init": "mini-scratch"})
+    for key in ("folder",):
+        if key in models:
+            models[key] = rel(models[key])
+    if "files" in models:
+        models["files"] = {k: rel(v) for k, v in models["files"].items()}
+    known = set(TrainConfig.__dataclass_fields__)
+    extra = sorted(set(raw) - known)
+    if extra:
+        raise ValueError(f"unknown config key(s): {', '.join(extra)}")
+    raw["output_dir"] = rel(raw["output_dir"])
+    return TrainConfig(dataset=rel(data["dataset"]), synth=data.get("synth"), cache=rel(data.get("cache")),
+                       shard_size=int(data.get("shard_size", 64)), models=models, stages=stages, stage=stage_cfgs,
+                       **raw)

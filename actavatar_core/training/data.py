@@ -1,0 +1,241 @@
+"""Training data: the annotation format, and the cache of frozen-encoder outputs.
+
+Dataset format (written by ``actavatar synth``; any real dataset can be converted to it)::
+
+    DATASET/annotations.jsonl   one JSON object per clip:
+        {"id": "clip_0001", "video": "clips/clip_0001.mp4",       # H.264 video with the speech as its audio track
+         "fps": 25, "num_frames": 101,                             # 4k+1 frames
+         "caption": "a person is talking",                         # brief caption (stage 1)
+         "base": "A woman in a red shirt ... talks",               # base block (stage 2)
+         "phases": [{"start": 0.9, "end": 2.4, "text": "raises the right hand"}]}
+
+Preprocessing runs the frozen encoders once and writes safetensors shards to the cache folder: per clip the
+normalised VAE latents, the umT5 encodings of the brief caption, of the flat global prompt and of the phased
+prompt (with its block ids), and the wav2vec2 windows per latent frame. Training then never touches the encoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import ActAvatarError
+from ..phases import PhaseScript, latent_frame_count
+
+INDEX = "index.json"
+PROMPT_KINDS = ("caption", "global", "phased")
+
+
+@dataclass
+class Annotation:
+    id: str
+    video: Path
+    fps: float
+    num_frames: int
+    caption: str
+    script: PhaseScript
+    raw: dict[str, Any]
+
+
+def read_annotations(dataset: "str | os.PathLike") -> list[Annotation]:
+    """Parse ``annotations.jsonl``; every problem names the line and the fix."""
+    root = Path(dataset)
+    path = root / "annotations.jsonl"
+    if not path.is_file():
+        raise ActAvatarError(f"'{root}' has no annotations.jsonl.", "Point data.dataset at a dataset folder (see `actavatar synth`).")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            script = PhaseScript.from_json({"base": raw["base"], "phases": raw.get("phases", [])})
+            fps, frames = float(raw["fps"]), int(raw["num_frames"])
+            latent_frame_count(frames)
+            script.validate(duration=frames / fps, fps=fps)
+            out.append(Annotation(str(raw["id"]), root / raw["video"], fps, frames, str(raw.get("caption", "")), script, raw))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ActAvatarError(f"annotations.jsonl line {n} is invalid: {exc}", "Fix or remove that line.") from None
+    if not out:
+        raise ActAvatarError(f"'{path}' lists no clips.", "Generate or add clips first.")
+    return out
+
+
+def global_prompt(script: PhaseScript) -> str:
+    """The flat prompt of the paper's no-PACA baseline: base and actions, no time anchors."""
+    return " ".join([script.base.rstrip(".") + "."] + [p.text.rstrip(".") + "." for p in script.phases])
+
+
+def fingerprint(*modules: Any, extra: Any = None) -> str:
+    """A cheap identity of the frozen encoders (a checksum of every weight, with its name and shape) for cache
+    validity. Configs are left out: a model saved and reloaded is the same model."""
+    h = hashlib.sha256()
+    for m in modules:
+        for name, p in sorted(m.state_dict().items()):
+            h.update(str(tuple(p.shape)).encode())
+            h.update(name.encode())
+            h.update(f"{float(p.float().sum()):.6e}|{float(p.float().abs().sum()):.6e}".encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_clip(ann: Annotation, vae: Any, text_encoder: Any, tokenizer: Any, audio_encoder: Any,
+                audio_config: dict, text_len: int, window: int) -> dict[str, torch.Tensor]:
+    """All cached tensors of one clip."""
+    from ..audio import encode_audio
+    from ..text import encode_plain, encode_script
+    from ..vae import encode_video, frames_to_tensor
+    from ..video import read_video
+
+    frames, fps, audio, rate = read_video(ann.video)
+    if len(frames) < ann.num_frames:
+        raise ActAvatarError(f"{ann.video.name} has {len(frames)} frames, the annotation says {ann.num_frames}.", "Re-export the clip.")
+    frames = frames[: ann.num_frames]
+    if audio is None:
+        raise ActAvatarError(f"{ann.video.name} has no audio track.", "Mux the speech into the clip.")
+    latents = encode_video(vae, frames_to_tensor(frames))[0]
+    emb = encode_audio(audio_encoder, {"waveform": torch.from_numpy(audio)[None], "sample_rate": rate}, fps=ann.fps,
+                       num_frames=ann.num_frames, do_normalize=audio_config.get("do_normalize", True), window=window)
+    caption = encode_plain(text_encoder, tokenizer, ann.caption, text_len=text_len)
+    flat = encode_plain(text_encoder, tokenizer, global_prompt(ann.script), text_len=text_len)
+    phased = encode_script(text_encoder, tokenizer, ann.script, text_len=text_len)
+    return {
+        "latents": latents.float().contiguous(),
+        "audio": emb.features[0].float().contiguous(),
+        "text_caption": caption.embeds[0, : caption.length].float().contiguous(),
+        "text_global": flat.embeds[0, : flat.length].float().contiguous(),
+        "text_phased": phased.embeds[0, : phased.length].float().contiguous(),
+        "ids_phased": phased.block_ids[0, : phased.length].contiguous(),
+    }
+
+
+def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *, vae: Any, text_encoder: Any,
+               tokenizer: Any, audio_encoder: Any, audio_config: dict, text_len: int, window: int,
+               shard_size: int = 64, progress: bool = True) -> Path:
+    """Write (or reuse) the cache. A cache made with other encoders or another clip list is rebuilt; a cache
+    interrupted half-way resumes at the first missing shard."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(vae, text_encoder, audio_encoder, extra={"ids": [a.id for a in annotations], "text_len": text_len,
+                                                              "window": window, "tok": len(tokenizer)})
+    index_path = cache / INDEX
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        if index.get("fingerprint") == fp and index.get("complete"):
+            return cache
+        if index.get("fingerprint") != fp:
+            for old in cache.glob("shard_*.safetensors"):
+                old.unlink()
+    empty = encode_empty(text_encoder, tokenizer, text_len)
+    save_file({"text_empty": empty}, str(cache / "empty.safetensors"))
+    shards = [annotations[i : i + shard_size] for i in range(0, len(annotations), shard_size)]
+    entries = []
+    bar = tqdm(total=len(annotations), desc="preprocess", unit="clip", disable=not progress)
+    for s, group in enumerate(shards):
+        path = cache / f"shard_{s:05d}.safetensors"
+        if not path.is_file():
+            tensors, meta = {}, {}
+            for j, ann in enumerate(group):
+                for key, value in encode_clip(ann, vae, text_encoder, tokenizer, audio_encoder, audio_config, text_len, window).items():
+                    tensors[f"{j}.{key}"] = value
+            meta = {"ids": json.dumps([a.id for a in group])}
+            tmp = path.with_suffix(".partial")
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        entries += [{"id": a.id, "shard": path.name, "slot": j, "fps": a.fps, "num_frames": a.num_frames,
+                     "script": a.script.to_json()} for j, a in enumerate(group)]
+        bar.update(len(group))
+    bar.close()
+    index_path.write_text(json.dumps({"fingerprint": fp, "complete": True, "text_len": text_len, "clips": entries}))
+    return cache
+
+
+@torch.no_grad()
+def encode_empty(text_encoder: Any, tokenizer: Any, text_len: int) -> torch.Tensor:
+    """The empty prompt used for caption dropout (and as the negative prompt of models trained that way)."""
+    from ..text import encode_plain
+
+    enc = encode_plain(text_encoder, tokenizer, "", text_len=text_len)
+    return enc.embeds[0, : enc.length].float().contiguous()
+
+
+class CachedClips(torch.utils.data.Dataset):
+    """Clips from the cache; tensors are read lazily per shard (safetensors memory-maps the file)."""
+
+    def __init__(self, cache_dir: "str | os.PathLike"):
+        self.cache = Path(cache_dir)
+        index = json.loads((self.cache / INDEX).read_text())
+        self.entries = index["clips"]
+        self.text_len = index["text_len"]
+        self._handles: dict[str, Any] = {}
+        from safetensors.torch import load_file
+
+        self.empty = load_file(str(self.cache / "empty.safetensors"))["text_empty"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _get(self, shard: str, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.cache / shard), framework="pt")
+        return self._handles[shard].get_tensor(key)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        e = self.entries[i]
+        keys = ("latents", "audio", "text_caption", "text_global", "text_phased", "ids_phased")
+        item = {k: self._get(e["shard"], f"{e['slot']}.{k}") for k in keys}
+        item["index"] = i
+        return item
+
+    def __getstate__(self):  # DataLoader workers reopen their own handles
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+def pad_text(embeds: list[torch.Tensor], ids: list[torch.Tensor] | None, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad variable-length encodings to ``text_len`` (Wan's convention) with block id 0 on padding."""
+    dim = embeds[0].shape[-1]
+    out = torch.zeros(len(embeds), text_len, dim)
+    out_ids = torch.zeros(len(embeds), text_len, dtype=torch.long)
+    for b, e in enumerate(embeds):
+        out[b, : e.shape[0]] = e
+        if ids is not None:
+            out_ids[b, : ids[b].shape[0]] = ids[b]
+    return out, out_ids
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    shapes = {tuple(it["latents"].shape) for it in items}
+    if len(shapes) > 1:
+        raise ValueError(f"clips of different sizes in one batch: {sorted(shapes)}; use batch_size 1 or equal-length clips")
+    return {"latents": torch.stack([it["latents"] for it in items]), "audio": torch.stack([it["audio"] for it in items]),
+            "index": torch.tensor([it["index"] for it in items]), "items": items}
+
+
+def iterate_forever(dataset: CachedClips, batch_size: int, seed: int, start_epoch: int = 0,
+                    start_position: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+    """Deterministic shuffled batches: (epoch, position after this batch, indices). Resuming at a saved
+    (epoch, position) continues the exact same order."""
+    epoch, position = start_epoch, start_position
+    n = len(dataset)
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        while position + batch_size <= n:
+            batch = order[position : position + batch_size]
+            position += batch_size
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0

@@ -1,0 +1,270 @@
+"""Putting a run together: the models a config asks for, the mini recipe's VAE stage, preprocessing, the stages,
+and the export of the trained model folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..pipeline import ActAvatarModels
+from .config import TrainConfig
+from .data import Annotation, global_prompt, preprocess, read_annotations, CachedClips
+
+#: Small configurations of the real classes for the mini model (trained from scratch on this CPU).
+MINI_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=48,
+                        out_channels=48, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+MINI_ADAPTER = dict(audio_window=8, audio_tokens=4, audio_hidden_dim=128, max_phases=8)
+MINI_VAE = dict(base_dim=32, decoder_base_dim=32, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1, is_residual=True,
+                in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+MINI_UMT5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
+                 relative_attention_max_distance=64, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+MINI_WAV2VEC2 = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                     conv_dim=(32,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+                     num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=True,
+                     feat_extract_norm="layer")
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def prompt_corpus(annotations: list[Annotation]) -> list[str]:
+    """Every text the mini model will be prompted with, for the SentencePiece vocabulary."""
+    from ..text import assemble_prompt
+
+    lines = set()
+    for a in annotations:
+        lines.add(a.caption)
+        lines.add(global_prompt(a.script))
+        lines.add("".join(assemble_prompt(a.script)))
+    digits = " ".join(f"Phase {k} [{s / 10:g}s-{e / 10:g}s]:" for k in range(1, 9) for s, e in ((3, 17), (25, 40), (0, 99)))
+    lines.add(digits)
+    return sorted(lines)
+
+
+def train_sentencepiece(corpus: list[str], vocab_size: int = 320) -> bytes:
+    """A small Unigram SentencePiece model with umT5's special ids (pad 0, eos 1, bos 2, unk 3)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2,
+                                   unk_id=3, hard_vocab_limit=False, split_digits=True, num_threads=1,
+                                   minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- models
+def models_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / "models"
+
+
+def build_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[[str], None] = print) -> tuple[ActAvatarModels, Any]:
+    """(frozen encoders + VAE, base transformer) as the config's ``models.init`` says. The mini encoders are built
+    once and saved under ``output_dir/models`` so that restarts and later stages see the same ones."""
+    init = cfg.models.get("init", "mini-scratch")
+    if init == "mini-scratch":
+        return _mini_models(cfg, annotations, log)
+    if init == "folder":
+        from ..pipeline import load_model_folder
+
+        models = load_model_folder(cfg.models["folder"])
+        return models, models.transformer
+    if init == "files":
+        from .. import loading
+        from ..model import build_from_weights
+
+        files = cfg.models["files"]
+        base = loading.load_wan_transformer(files["transformer"])
+        transformer = build_from_weights(base, files.get("actavatar"))
+        vae = loading.load_wan_vae(files["vae"])
+        text_encoder, tokenizer = loading.load_umt5(files["text_encoder"])
+        audio_encoder, audio_cfg = loading.load_wav2vec2(files["audio_encoder"])
+        return ActAvatarModels(transformer, vae, text_encoder, tokenizer, audio_encoder, audio_cfg), transformer
+    raise ValueError(f"unknown models.init {init!r}; choose mini-scratch, folder or files")
+
+
+def _mini_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[[str], None]) -> tuple[ActAvatarModels, Any]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
+
+    from ..convert.spm import build_tokenizer
+    from ..model import ActAvatarTransformer
+
+    folder = models_dir(cfg)
+    tcfg = {**MINI_TRANSFORMER, **cfg.models.get("transformer", {})}
+    acfg = {**MINI_ADAPTER, **cfg.models.get("adapter", {})}
+    if (folder / "spiece.model").is_file():
+        spm_bytes = (folder / "spiece.model").read_bytes()
+        tokenizer = build_tokenizer(spm_bytes, extra_ids=0, model_max_length=cfg.text_len)
+        text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
+        audio_encoder = Wav2Vec2Model.from_pretrained(folder / "audio_encoder", local_files_only=True).eval()
+        vae_dir = folder / "vae_trained" if (folder / "vae_trained").is_dir() else folder / "vae"
+        vae = AutoencoderKLWan.from_pretrained(vae_dir, local_files_only=True).eval()
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        spm_bytes = train_sentencepiece(prompt_corpus(annotations))
+        tokenizer = build_tokenizer(spm_bytes, extra_ids=0, model_max_length=cfg.text_len)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **{**MINI_UMT5, **cfg.models.get("text_encoder", {})})).eval()
+        audio_encoder = Wav2Vec2Model(Wav2Vec2Config(**{**MINI_WAV2VEC2, **cfg.models.get("audio_encoder", {})})).eval()
+        vae = AutoencoderKLWan(**{**MINI_VAE, **cfg.models.get("vae", {})}).eval()
+        (folder / "spiece.model").write_bytes(spm_bytes)
+        text_encoder.save_pretrained(folder / "text_encoder")
+        audio_encoder.save_pretrained(folder / "audio_encoder")
+        vae.save_pretrained(folder / "vae")
+        log(f"built mini encoders: tokenizer {len(tokenizer)} pieces, umT5 {_count(text_encoder)}, wav2vec2 "
+            f"{_count(audio_encoder)}, VAE {_count(vae)} parameters")
+    if tcfg["text_dim"] != text_encoder.config.d_model:
+        tcfg["text_dim"] = text_encoder.config.d_model
+    torch.manual_seed(cfg.seed + 1)
+    base = WanTransformer3DModel(**tcfg)
+    transformer = ActAvatarTransformer.from_base(base, audio_feature_dim=audio_encoder.config.hidden_size,
+                                                 audio_num_layers=audio_encoder.config.num_hidden_layers + 1,
+                                                 audio_schedule=cfg.audio_schedule, audio_gamma=cfg.audio_gamma, **acfg)
+    models = ActAvatarModels(transformer, vae, text_encoder, tokenizer, audio_encoder, {"do_normalize": True},
+                             {"spiece_model": spm_bytes})
+    return models, transformer
+
+
+def _count(module: torch.nn.Module) -> str:
+    n = sum(p.numel() for p in module.parameters())
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+
+
+# ---------------------------------------------------------------------------------------------- VAE stage
+def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Callable[[str], None] = print,
+              progress: bool = True) -> Any:
+    """Train the mini VAE to reconstruct the dataset's frames (L1 + MSE + a small KL), then set its per-channel
+    latent mean and std as Wan's VAEs carry them, so the transformer sees unit-scale latents."""
+    from tqdm import tqdm
+
+    from ..vae import frames_to_tensor
+    from ..video import read_video
+
+    folder = models_dir(cfg) / "vae_trained"
+    if (folder / "config.json").is_file():
+        from diffusers import AutoencoderKLWan
+
+        log("vae: already trained, loading")
+        return AutoencoderKLWan.from_pretrained(folder, local_files_only=True).eval()
+    scfg = cfg.stage_config("vae")
+    clip_frames = scfg.frames
+    rng = np.random.default_rng(cfg.seed)
+    pool = [read_video(a.video)[0] for a in annotations[: min(len(annotations), 200)]]
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=scfg.lr, weight_decay=0.0)
+    batch = scfg.batch_size or 2
+    bar = tqdm(total=scfg.steps, desc="vae", unit="step", disable=not progress)
+    ema = None
+    for step in range(scfg.steps):
+        clips = []
+        for _ in range(batch):
+            frames = pool[int(rng.integers(len(pool)))]
+            start = int(rng.integers(0, len(frames) - clip_frames + 1))
+            clips.append(frames_to_tensor(frames[start:start + clip_frames]))
+        x = torch.cat(clips)
+        dist = vae.encode(x).latent_dist
+        z = dist.sample()
+        recon = vae.decode(z).sample
+        kl = dist.kl().mean() / z[0].numel()
+        loss = (recon - x).abs().mean() + (recon - x).square().mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = scfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / scfg.steps)))
+        opt.step()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.97 * ema + 0.03 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.4f}")
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        zs = [vae.encode(frames_to_tensor(f[: 4 * ((len(f) - 1) // 4) + 1])).latent_dist.mode() for f in pool[:32]]
+        flat = torch.cat([z.transpose(0, 1).flatten(1) for z in zs], dim=1)
+        mean, std = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    vae.save_pretrained(folder)
+    log(f"vae: trained {scfg.steps} steps, final loss {ema:.4f}")
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------- whole run
+def ensure_dataset(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
+    if (Path(cfg.dataset) / "annotations.jsonl").is_file() or not cfg.synth:
+        return
+    from ..synth.writer import write_dataset
+
+    log(f"generating the synthetic dataset in {cfg.dataset}")
+    s = dict(cfg.synth)
+    duration = s.get("duration", 4.0)
+    write_dataset(cfg.dataset, clips=int(s.get("clips", 100)), seed=int(s.get("seed", 0)), size=int(s.get("size", 128)),
+                  fps=float(s.get("fps", 25.0)), duration=tuple(duration) if isinstance(duration, list) else duration,
+                  split=s.get("split", "train"), workers=int(s.get("workers", 1)), voice=s.get("voice", "synthetic"))
+
+
+def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
+                 on_checkpoint: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Run every configured stage in order (finished stages are skipped, an interrupted one resumes)."""
+    from .trainer import StageRunner
+
+    started = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+    ensure_dataset(cfg, log)
+    annotations = read_annotations(cfg.dataset)
+    models, transformer = build_models(cfg, annotations, log)
+    report: dict[str, Any] = {"name": cfg.name, "clips": len(annotations), "stages": {}}
+    if "vae" in cfg.stages:
+        t0 = time.time()
+        models.vae = train_vae(cfg, models.vae, annotations, log, progress)
+        report["stages"]["vae"] = {"seconds": round(time.time() - t0, 1)}
+    t0 = time.time()
+    cache = preprocess(annotations, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder,
+                       tokenizer=models.tokenizer, audio_encoder=models.audio_encoder, audio_config=models.audio_config,
+                       text_len=cfg.text_len, window=transformer.config.audio_window, shard_size=cfg.shard_size,
+                       progress=progress)
+    report["preprocess_seconds"] = round(time.time() - t0, 1)
+    dataset = CachedClips(cache)
+    previous = None
+    for stage in [s for s in cfg.stages if s != "vae"]:
+        if previous is not None:
+            load_stage_weights(transformer, out / previous)
+        runner = StageRunner(cfg, stage, transformer, dataset, log=log, progress=progress,
+                             on_checkpoint=(lambda step, s=stage: on_checkpoint(s, step)) if on_checkpoint else None)
+        report["stages"][stage] = runner.run()
+        transformer = runner.model
+        previous = stage
+    if previous is not None and cfg.stage_config(previous).train != "lora":
+        load_stage_weights(transformer, out / previous)
+    models.transformer = transformer.eval()
+    report["seconds"] = round(time.time() - started, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return {"report": report, "models": models}
+
+
+def load_stage_weights(transformer: Any, stage_dir: Path) -> None:
+    """Load a finished stage's weights into the transformer (in place)."""
+    from ..model import apply_actavatar_weights, read_actavatar_weights
+
+    tensors, meta = read_actavatar_weights(stage_dir / "final.safetensors")
+    apply_actavatar_weights(transformer, tensors, meta, f"{stage_dir.name}/final.safetensors")
+
+
+def export_model(models: ActAvatarModels, folder: "str | Path", info: dict[str, Any]) -> Path:
+    """The trained model as an ActAvatar model folder (what ``--model-dir`` and the bundled default load)."""
+    from ..pipeline import save_model_folder
+
+    spm = models.info.get("spiece_model")
+    out = save_model_folder(models, folder, info=info)
+    if spm:
+        (Path(out) / "tokenizer" / "spiece.model").write_bytes(spm)
+    return Path(out)
