@@ -314,6 +314,13 @@ def directory(kind: str) -> str:
     return _DIRS[kind]
 
 
+def models_directory() -> str:
+    """ComfyUI's models/ folder (outside ComfyUI: the 'models' directory set with set_directory, else ./models)."""
+    if IN_COMFYUI:
+        return _folder_paths.models_dir
+    return _DIRS.get("models", os.path.join(os.getcwd(), "models"))
+
+
 def metadata_disabled() -> bool:
     """ComfyUI's --disable-metadata."""
     if not IN_COMFYUI:

@@ -40,11 +40,8 @@ def register_model_folders(mini_dir: str | os.PathLike | None = None) -> None:
 
 
 def _default_actavatar_dir() -> Path:
-    if bridge.IN_COMFYUI:
-        import folder_paths
-
-        return Path(folder_paths.models_dir) / "actavatar"
-    return PACK_DIR / "models" / "actavatar"
+    """models/actavatar of the running ComfyUI (honours --base-directory)."""
+    return Path(bridge.models_directory()) / "actavatar"
 
 
 def default_choice(folder: str, names: list[str]) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from actavatar_core import comfy_glue as glue
 from actavatar_core.phases import DEFAULT_FPS
 
@@ -40,7 +42,7 @@ class ActAvatarDecode:
         frames = []
         with vae.managed.use() as module:
             batch = glue.normalised_latents(latent["samples"], module)
-            progress = bridge.progress_bar(int(batch.shape[0]) * -(-int(batch.shape[2]) // chunk))
+            progress = bridge.progress_bar(int(batch.shape[0]) * math.ceil(int(batch.shape[2]) / chunk))
             done = 0
             for item in batch:
                 for part in decode_stream(module, item[None], chunk, check_cancel=bridge.throw_if_interrupted):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from actavatar_core import comfy_glue as glue
 
 from . import comfy_bridge as bridge
 from .values import AUDIO_EMBEDS, CONDITIONING, MODEL, VAE
+
+log = logging.getLogger("ActAvatar")
 
 SAMPLERS = ["unipc", "euler"]
 PACA_MODES = ["routed", "learned", "global"]
@@ -126,5 +130,8 @@ class ActAvatarSampler:
             finally:
                 module.set_audio_schedule(None)  # the model is shared: never leave an override behind
         samples = glue.raw_latents(latents, vae.module).to(bridge.intermediate_device())
+        if audio_embeds.original is None:
+            log.warning("ActAvatar Sampler: no AUDIO reached ActAvatar Audio Encode (only audio_encoder_output), so "
+                        "the audio output is silence; connect the speech to Audio Encode's audio input too.")
         clip_audio = glue.fit_audio(audio_embeds.original, num_frames, fps)
         return ({"samples": samples}, fps, clip_audio)
