@@ -396,7 +396,6 @@ class Timeline {
     });
     for (const input of [this.baseInput, this.negInput, this.textInput, this.raw]) {
       input.addEventListener("change", () => checkState());
-      input.addEventListener("keydown", stop);
       input.addEventListener("wheel", stop, { passive: true });
     }
     this.textInput.addEventListener("keydown", (e) => {
