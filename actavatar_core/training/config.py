@@ -99,11 +99,11 @@ class TrainConfig:
 
 
 def load_config(path: "str | os.PathLike", overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a JSON config; relative paths in it are taken relative to the config file's folder."""
+    """Read a JSON config; relative paths in it are taken relative to the current folder (run from the repo root)."""
     path = Path(path)
     raw = json.loads(path.read_text(encoding="utf-8"))
     raw.update(overrides or {})
-    return config_from_dict(raw, base_dir=path.parent)
+    return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -> TrainConfig:

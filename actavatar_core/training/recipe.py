@@ -21,7 +21,7 @@ MINI_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_h
                         out_channels=48, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 MINI_ADAPTER = dict(audio_window=8, audio_tokens=4, audio_hidden_dim=128, max_phases=8)
-MINI_VAE = dict(base_dim=32, decoder_base_dim=32, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1, is_residual=True,
+MINI_VAE = dict(base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1, is_residual=True,
                 in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
 MINI_UMT5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=16,

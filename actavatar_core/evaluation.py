@@ -1,0 +1,231 @@
+"""``actavatar bench method``: does phase control work? Generate the held-out synthetic test set with a model and
+score it with the analytic detectors (Hit@Segment, temporal IoU, lip sync, identity), per PACA mode; with
+``--ablation`` also train the ablation variants (the rows of the paper's Table 4, at mini scale) and score them.
+
+The test set is the synthetic ``test`` split (seeds 900,000,000 and up, never used for training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULT_TEST_SET = Path("runs") / "synth-test"
+
+
+def ensure_test_set(folder: "str | Path", clips: int, duration: float = 3.0, size: int = 128, fps: float = 25.0) -> Path:
+    """The fixed held-out test split (written once; deterministic from its seeds with the synthetic voice)."""
+    from .synth.writer import write_dataset
+
+    folder = Path(folder)
+    if not (folder / "annotations.jsonl").is_file():
+        write_dataset(folder, clips=clips, seed=0, split="test", size=size, fps=fps, duration=duration, voice="synthetic",
+                      workers=1)
+    return folder
+
+
+def generate_clip(models: Any, annotation: dict[str, Any], dataset: Path, *, steps: int, text_cfg: float, audio_cfg: float,
+                  paca_mode: str, phased_prompt: bool = True, seed: int = 0, negative: str = "",
+                  shift: float = 5.0) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Generate one test clip from its first frame, its audio and its phase script."""
+    from .pipeline import ActAvatarPipeline, GenerationRequest
+    from .sampling import SamplingOptions
+    from .video import read_video
+
+    frames, fps, audio, rate = read_video(dataset / annotation["video"])
+    reference = frames[0]
+    script = {"version": 1, "base": annotation["base"], "negative": "", "phases": annotation["phases"]}
+    request = GenerationRequest(
+        image=reference, audio={"waveform": audio[None], "sample_rate": rate}, phases=script,
+        width=int(annotation["width"]), height=int(annotation["height"]), fps=float(annotation["fps"]),
+        num_frames=int(annotation["num_frames"]), negative=negative, phased_prompt=phased_prompt,
+        options=SamplingOptions(steps=steps, text_cfg=text_cfg, audio_cfg=audio_cfg, seed=seed, paca_mode=paca_mode,
+                                shift=shift))
+    result = ActAvatarPipeline(models).generate(request)
+    return result.frames, audio, rate, reference
+
+
+def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, bool]], clips: int | None = None,
+                   steps: int = 20, text_cfg: float = 3.0, audio_cfg: float = 2.0, shift: float = 5.0,
+                   save_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score ``models`` on the test set for each (row name, PACA mode, phased prompt) in ``modes``."""
+    import torch
+
+    from .synth.metrics import aggregate, evaluate_clip
+
+    lines = [json.loads(x) for x in (test_set / "annotations.jsonl").read_text().splitlines() if x.strip()]
+    lines = lines[:clips] if clips else lines
+    out: dict[str, Any] = {}
+    for name, mode, phased in modes:
+        started, results = time.time(), []
+        for k, ann in enumerate(lines):
+            with torch.no_grad():
+                frames, audio, rate, ref = generate_clip(models, ann, test_set, steps=steps, text_cfg=text_cfg,
+                                                         audio_cfg=audio_cfg, paca_mode=mode, phased_prompt=phased,
+                                                         seed=k, shift=shift)
+            results.append(evaluate_clip(frames, audio, rate, ann, reference=ref))
+            if save_dir is not None and k < 4:
+                from .video import write_mp4
+
+                write_mp4(save_dir / f"{name.replace(' ', '_')}_{ann['id']}.mp4", frames, ann["fps"], audio, rate)
+        summary = aggregate(results)
+        summary["seconds"] = round(time.time() - started, 1)
+        summary["clips"] = len(results)
+        out[name] = summary
+        log(f"{name}: {_short(summary)}")
+    return out
+
+
+def _short(s: dict[str, Any]) -> str:
+    keys = [k for k in ("hit_at_segment", "tiou", "lipsync_corr", "identity_dist") if k in s]
+    return ", ".join(f"{k} {s[k]:.3f}" for k in keys if isinstance(s[k], (int, float)))
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+ABLATION_ROWS = [
+    # (row, variant trained, inference PACA mode, phased prompt)
+    ("Global prompt (no PACA)", "global", "global", False),
+    ("PACA learned (paper)", "paca", "learned", True),
+    ("PACA routed (ours)", "paca", "routed", True),
+    ("PACA learned, uniform audio", "uniform", "learned", True),
+    ("PACA learned, one-stage", "onestage", "learned", True),
+]
+
+
+def ablation_configs(base_run: Path, dataset: Path, out: Path, stage1_steps: int, stage2_steps: int) -> dict[str, dict]:
+    """Training configs of the ablation variants. They share the shipped model's encoders, VAE and stage-0 backbone
+    (copied from ``base_run``) and differ only in stages 1 and 2, which run fewer steps than the shipped model."""
+    base = json.loads((base_run / "config.json").read_text())
+    common = {k: base[k] for k in ("text_len", "batch_size", "grad_accum", "weight_decay", "max_grad_norm", "warmup_steps",
+                                   "shift", "caption_dropout", "audio_dropout", "seed") if k in base}
+    common["models"] = base.get("models", {"init": "mini-scratch"})
+    s1 = {"steps": stage1_steps, "lr": base["stage"].get("stage1", {}).get("lr", 5e-4), "prompt": "caption"}
+    s2 = {"steps": stage2_steps, "lr": base["stage"].get("stage2", {}).get("lr", 2e-4), "prompt": "phased"}
+    variants = {
+        "global": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": {**s2, "prompt": "global"}},
+        "paca": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": s2},
+        "uniform": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": s2, "audio_schedule": "uniform"},
+        "onestage": {"stages": ["stage0", "stage2"], "stage2": {**s2, "steps": stage1_steps + stage2_steps}},
+    }
+    configs = {}
+    for name, v in variants.items():
+        cfg = {**common, **v, "name": f"ablation-{name}", "output_dir": str(out / name),
+               "data": {"dataset": str(dataset), "cache": str(out / name / "cache")}}
+        cfg["stage0"] = {"steps": 0, "prompt": "global"}
+        configs[name] = cfg
+    return configs
+
+
+def seed_variant_from_base(base_run: Path, variant_dir: Path) -> None:
+    """Start a variant from the shipped run's encoders, trained VAE and finished stage 0."""
+    variant_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("models", "stage0"):
+        if not (variant_dir / sub).exists():
+            shutil.copytree(base_run / sub, variant_dir / sub)
+
+
+def run_ablation(base_run: Path, dataset: Path, test_set: Path, out: Path, *, stage1_steps: int, stage2_steps: int,
+                 clips: int, steps: int, text_cfg: float, audio_cfg: float, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from .training.config import config_from_dict
+    from .training.recipe import run_training
+
+    configs = ablation_configs(base_run, dataset, out, stage1_steps, stage2_steps)
+    trained: dict[str, Any] = {}
+    for name, raw in configs.items():
+        seed_variant_from_base(base_run, Path(raw["output_dir"]))
+        cfg = config_from_dict(raw)
+        log(f"ablation variant '{name}': stages {cfg.stages}")
+        trained[name] = run_training(cfg, log=log, progress=False)["models"]
+    rows = {}
+    for row, variant, mode, phased in ABLATION_ROWS:
+        rows.update(evaluate_model(trained[variant], test_set, modes=[(row, mode, phased)], clips=clips, steps=steps,
+                                   text_cfg=text_cfg, audio_cfg=audio_cfg, log=log))
+    return {"rows": rows, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps}
+
+
+# ---------------------------------------------------------------------------------------------- table
+COLUMNS = [("hit_at_segment", "H@S"), ("tiou", "tIoU"), ("spurious_action_rate", "spurious"),
+           ("lipsync_corr", "mouth-audio r"), ("lipsync_best_lag_median", "best lag"), ("identity_dist", "id drift")]
+
+
+def format_table(rows: dict[str, dict[str, Any]], title: str) -> str:
+    lines = [title, "| configuration | " + " | ".join(c for _, c in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for name, r in rows.items():
+        cells = []
+        for key, _ in COLUMNS:
+            v = r.get(key)
+            cells.append("n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="actavatar bench method", description=__doc__)
+    p.add_argument("--model", default=None, help="ActAvatar model folder (default: the bundled mini model)")
+    p.add_argument("--test-set", default=str(DEFAULT_TEST_SET), help="held-out test split folder (written if missing)")
+    p.add_argument("--clips", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--modes", default="learned,routed", help="PACA modes to score the model with")
+    p.add_argument("--ablation", default=None, metavar="BASE_RUN",
+                   help="also train and score the ablation variants, starting from this training run's stage 0")
+    p.add_argument("--ablation-dataset", default=None, help="training dataset of the variants (default: the base run's)")
+    p.add_argument("--ablation-out", default="runs/ablation")
+    p.add_argument("--stage1-steps", type=int, default=300)
+    p.add_argument("--stage2-steps", type=int, default=600)
+    p.add_argument("--json", default=None, help="write the figures as JSON")
+    p.add_argument("--save-samples", default=None, help="write a few generated clips per row here")
+    args = p.parse_args(argv[1:])
+
+    from .defaults import load_default_models
+    from .pipeline import load_model_folder
+
+    test_set = ensure_test_set(args.test_set, args.clips)
+    if args.model:
+        models = load_model_folder(args.model)
+    else:
+        models, _ = load_default_models()
+    d = models.info.get("defaults", {})
+    steps = args.steps or int(d.get("steps", 20))
+    text_cfg, audio_cfg = float(d.get("text_cfg", 3.0)), float(d.get("audio_cfg", 2.0))
+    save = Path(args.save_samples) if args.save_samples else None
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+    label = models.info.get("name", "model")
+    modes = [(f"{label}, PACA {m}", m, True) for m in args.modes.split(",") if m]
+    result: dict[str, Any] = {"model": label, "test_set": str(test_set), "clips": args.clips, "steps": steps,
+                              "text_cfg": text_cfg, "audio_cfg": audio_cfg}
+    result["model_rows"] = evaluate_model(models, test_set, modes=modes, clips=args.clips, steps=steps,
+                                          text_cfg=text_cfg, audio_cfg=audio_cfg, save_dir=save)
+    print(format_table(result["model_rows"], f"Model on {args.clips} held-out synthetic clips ({steps} steps)"))
+    if args.ablation:
+        base_run = Path(args.ablation)
+        base_cfg = json.loads((base_run / "config.json").read_text())
+        dataset = Path(args.ablation_dataset or base_cfg["dataset"])
+        abl = run_ablation(base_run, dataset, test_set, Path(args.ablation_out), stage1_steps=args.stage1_steps,
+                           stage2_steps=args.stage2_steps, clips=args.clips, steps=steps, text_cfg=text_cfg,
+                           audio_cfg=audio_cfg)
+        result["ablation"] = abl
+        print()
+        print(format_table(abl["rows"], f"Ablation (mini scale: shared stage-0 backbone, stage 1 {args.stage1_steps} "
+                                        f"steps, stage 2 {args.stage2_steps} steps; fewer than the shipped model)"))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default))
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
