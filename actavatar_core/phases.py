@@ -87,7 +87,7 @@ class PhaseScript:
                 'Wrap it as {"version": 1, "base": "...", "phases": [...]}.',
             )
         version = data.get("version", SCRIPT_VERSION)
-        if version != SCRIPT_VERSION:
+        if isinstance(version, bool) or version != SCRIPT_VERSION:
             raise PhaseScriptError(
                 f"Phase script version {version!r} is not supported (this ActAvatar reads version {SCRIPT_VERSION}).",
                 f'Set "version": {SCRIPT_VERSION}, or update ActAvatar.',
@@ -99,7 +99,8 @@ class PhaseScript:
                 'Only "version", "base", "negative" and "phases" are allowed; check the spelling.',
             )
         base = data.get("base", "")
-        negative = data.get("negative", "") or ""
+        negative = data.get("negative", "")
+        negative = "" if negative is None else negative
         if not isinstance(base, str):
             raise PhaseScriptError('"base" must be a string.', 'Write the base prompt as text, e.g. "base": "A man talking".')
         if not isinstance(negative, str):
@@ -151,9 +152,14 @@ class PhaseScript:
                 f"A phase script must be text or JSON, got {type(value).__name__}.",
                 "Pass the JSON phase script or the compact form '0-2s: waves | 2-4s: points down'.",
             )
-        stripped = value.strip()
-        if stripped.startswith("{") or stripped.startswith("["):
+        stripped = value.lstrip("\ufeff").strip()  # a byte-order mark from a Windows editor is not text
+        if stripped.startswith("{"):
             return cls.from_json(stripped)
+        if stripped.startswith("["):  # a JSON list (wrong), or compact text opening with "[0-2s]: ..."
+            try:
+                return cls.from_json(json.loads(stripped))
+            except json.JSONDecodeError:
+                pass
         return cls.from_compact(stripped)
 
     # ----------------------------------------------------------------------------------------- serialisers
@@ -292,7 +298,9 @@ _COMPACT_PHASE = re.compile(
     rf"^\s*\[?\s*(?P<start>{_NUMBER})\s*s?\s*(?:-|–|to)\s*(?P<end>{_NUMBER})\s*s?\s*\]?\s*:\s*(?P<text>.*)$",
     re.IGNORECASE,
 )
-_LOOKS_TIMED = re.compile(r"^\s*\[?\s*-?[0-9.]+\s*s?\s*(?:-|–|to)", re.IGNORECASE)
+#: A segment that starts like a time window ("0-", "1.5s to", "[2 -") but did not parse as one. A letter right after
+#: the separator means ordinary text ("1990s-style anchor", "3 tomatoes"), not a broken anchor.
+_LOOKS_TIMED = re.compile(r"^\s*\[?\s*-?[0-9.]+\s*s?\s*(?:-|–|to)(?![^\W\d_])", re.IGNORECASE)
 
 
 def _phase_from_json(index: int, raw: Any) -> Phase:
@@ -308,12 +316,19 @@ def _phase_from_json(index: int, raw: Any) -> Phase:
     values = []
     for key in ("start", "end"):
         value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             raise PhaseScriptError(f"{where} has {key} = {value!r}, which is not a finite number of seconds.", f"Write {key} as a number such as 2 or 2.5.")
         values.append(float(value))
     if not isinstance(raw["text"], str):
         raise PhaseScriptError(f"{where} text is not a string.", "Describe the action as text.")
     return Phase(values[0], values[1], raw["text"])
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) < 1e9
+    except OverflowError:  # a 400-digit integer
+        return False
 
 
 def _ordered(phases: Iterable[Phase]) -> tuple[Phase, ...]:

@@ -314,7 +314,7 @@ export function fromJson(data) {
   }
   const version = hasOwn(data, "version") ? data.version : SCRIPT_VERSION;
   // phases.py compares with `!=`, so Python's True == 1 is accepted too; mirror that.
-  if (!(version === SCRIPT_VERSION || version === true)) {
+  if (version !== SCRIPT_VERSION) {
     throw new PhaseScriptError(
       `Phase script version ${pyRepr(version)} is not supported (this ActAvatar reads version ${SCRIPT_VERSION}).`,
       `Set "version": ${SCRIPT_VERSION}, or update ActAvatar.`,
@@ -329,7 +329,7 @@ export function fromJson(data) {
   }
   const base = hasOwn(data, "base") ? data.base : "";
   let negative = hasOwn(data, "negative") ? data.negative : "";
-  if (!pyTruthy(negative)) negative = ""; // phases.py: data.get("negative", "") or ""
+  if (negative === null) negative = ""; // phases.py: null counts as no negative prompt
   if (typeof base !== "string") {
     throw new PhaseScriptError('"base" must be a string.', 'Write the base prompt as text, e.g. "base": "A man talking".');
   }
@@ -404,9 +404,19 @@ export function parseScript(value) {
     );
   }
   // A byte-order mark (a JSON file saved by some Windows editors) must not turn the JSON into a base prompt;
-  // phases.py does not strip it (see the "json_with_bom" vector).
+  // phases.py strips it too (see the "json_with_bom" vector).
   const stripped = pyStrip(value.replace(/^\ufeff/, ""));
-  if (stripped.startsWith("{") || stripped.startsWith("[")) return fromJson(stripped);
+  if (stripped.startsWith("{")) return fromJson(stripped);
+  if (stripped.startsWith("[")) {
+    // A JSON list (wrong: the error says so), or compact text opening with "[0-2s]: ..."
+    let parsed;
+    try {
+      parsed = JSON.parse(stripped);
+    } catch {
+      parsed = undefined;
+    }
+    if (parsed !== undefined) return fromJson(stripped);
+  }
   return fromCompact(stripped);
 }
 
