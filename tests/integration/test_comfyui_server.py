@@ -112,8 +112,14 @@ def comfy(tmp_path_factory):
     pytest.importorskip("aiohttp", reason="aiohttp (a ComfyUI requirement) is needed for the WebSocket")
     from test_nodes import write_tiny_comfy_models
 
+    from nodes.model_folders import MINI_FILES
+
     base = tmp_path_factory.mktemp("comfy-base")
     names = write_tiny_comfy_models(base / "models")
+    # The same tiny files under the bundled mini model's names too, so the shipped workflows run unmodified (as
+    # they do once the mini model is installed).
+    for folder, mini in MINI_FILES.items():
+        (base / "models" / folder / mini).hardlink_to(base / "models" / folder / names[folder])
     server = start_comfy(comfy_dir, base_dir=base, custom_nodes={PACK: ROOT},
                          extra_args=["--preview-method", "latent2rgb"])
     try:
@@ -164,12 +170,12 @@ def expected_frames(server: ComfyServer, prompt: dict) -> int:
     return frames_for_duration(speech.duration, prompt[PHASE]["inputs"]["fps"])
 
 
-def check_mp4(path: Path, frames: int, fps: float, metadata: tuple[str, ...] = ()) -> dict:
+def check_mp4(path: Path, frames: int, fps: float, metadata: tuple[str, ...] = (), size: int = 64) -> dict:
     from actavatar_core.video import probe_video
 
     info = probe_video(path)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac", info
-    assert (info["frames"], info["fps"], info["width"], info["height"]) == (frames, fps, 64, 64)
+    assert (info["frames"], info["fps"], info["width"], info["height"]) == (frames, fps, size, size)
     assert abs(info["audio_duration"] - frames / fps) < 0.06
     for key in metadata:
         assert key in info["metadata"], (key, list(info["metadata"]))
@@ -195,7 +201,7 @@ def test_pack_loads_with_every_node(comfy):
     assert info["ActAvatarSaveVideo"]["output_node"] is True
     loader = info["ActAvatarModelLoader"]["input"]["required"]
     assert names["diffusion_models"] in loader["model_name"][0]
-    assert loader["actavatar_weights"][0] == ["none", names["actavatar"]]  # the new models/actavatar folder
+    assert loader["actavatar_weights"][0][0] == "none" and names["actavatar"] in loader["actavatar_weights"][0]  # models/actavatar
     assert server.get_json("/system_stats")["devices"][0]["type"] == "cpu"
     extensions = server.get_json("/extensions")
     assert any(e.endswith("actavatar_timeline.js") for e in extensions), extensions
@@ -247,20 +253,23 @@ def test_ui_workflow_has_no_missing_nodes_and_matches_the_api_file(comfy, name):
                 assert info[source["type"]]["output"][src_slot] == kind
 
 
-def test_timeline_workflow_runs_with_progress_and_writes_the_mp4(comfy, ws):
-    server, names = comfy
-    prompt = api_workflow("actavatar_timeline", names)
+def test_shipped_timeline_workflow_runs_unmodified_with_progress_and_writes_the_mp4(comfy, ws):
+    """The API file exactly as shipped (bundled mini model names, example inputs, 128x128, 20 steps)."""
+    server, _ = comfy
+    prompt = json.loads((WORKFLOWS / "api" / "actavatar_timeline.json").read_text(encoding="utf-8"))
+    steps = prompt[SAMPLER]["inputs"]["steps"]
     ui = json.loads((WORKFLOWS / "actavatar_timeline.json").read_text(encoding="utf-8"))
     prompt_id = queue(server, prompt, ws.client_id, workflow=ui)
     assert ws.wait_done(prompt_id, server) == "execution_success", server.log_tail()
     ticks = [(p["value"], p["max"]) for p in ws.of("progress", prompt_id) if p["node"] == SAMPLER]
-    assert ticks[:STEPS] == [(i, STEPS) for i in range(1, STEPS + 1)]
+    assert ticks[:steps] == [(i, steps) for i in range(1, steps + 1)]
     assert ws.binary >= 1  # latent previews (--preview-method latent2rgb)
     executed = [m for m in ws.of("executed", prompt_id) if m["node"] == "12"]
     saved = executed[0]["output"]["images"][0]
     assert saved["type"] == "output" and saved["subfolder"] == "ActAvatar" and saved["filename"].endswith(".mp4")
     path = server.base_dir / "output" / saved["subfolder"] / saved["filename"]
-    info = check_mp4(path, expected_frames(server, prompt), 25.0, metadata=("prompt", "workflow"))
+    info = check_mp4(path, expected_frames(server, prompt), 25.0, metadata=("prompt", "workflow"),
+                     size=prompt[SAMPLER]["inputs"]["width"])
     assert json.loads(info["metadata"]["prompt"])[SAMPLER]["class_type"] == "ActAvatarSampler"
     status, body = server.request("GET", f"/view?filename={saved['filename']}&subfolder=ActAvatar&type=output")
     assert status == 200 and body == path.read_bytes()
@@ -318,3 +327,59 @@ def test_interrupt_mid_sampling_leaves_no_file_and_comfyui_healthy(comfy, ws):
     assert ws.wait_done(follow_up, server) == "execution_success", server.log_tail()
     new = output_files(server) - before
     assert len(new) == 1 and next(iter(new)).suffix == ".mp4"
+
+
+# ============================================================================================ the real frontend
+def _chromium() -> str | None:
+    import os
+    import shutil
+
+    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser"):
+        if candidate and (shutil.which(candidate) or Path(candidate).is_file()):
+            return shutil.which(candidate) or candidate
+    return None
+
+
+def test_ui_workflows_load_in_the_frontend_and_queue_as_the_api_files(comfy):
+    """ComfyUI's own frontend (1.35.9) loads each UI workflow with every node type known and no missing-nodes or
+    missing-models dialog, and its UI -> API conversion (graphToPrompt) gives exactly the API file."""
+    server, _ = comfy
+    info = server.get_json("/object_info")
+    if _chromium() is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium, or set CHROMIUM=/path)")
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                          "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_context(viewport={"width": 1500, "height": 1000}).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url)
+            page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90000)
+            page.wait_for_function("!!LiteGraph.registered_node_types['ActAvatarSampler']", timeout=30000)
+            for name in ("actavatar_timeline", "actavatar_core_video"):
+                ui = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+                api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+                page.evaluate("async (wf) => { await app.loadGraphData(wf); }", ui)
+                page.wait_for_timeout(500)
+                types = page.evaluate("() => app.graph.nodes.map(n => [n.type, !!LiteGraph.registered_node_types[n.type]])")
+                assert sorted(t for t, _ in types) == sorted(n["type"] for n in ui["nodes"])
+                assert all(known for _, known in types), types
+                dialogs = page.evaluate("() => [...document.querySelectorAll('.p-dialog')].map(d => d.innerText)")
+                assert not [d for d in dialogs if "missing" in d.lower()], dialogs
+                output = page.evaluate("async () => (await app.graphToPrompt()).output")
+                assert {k: v["class_type"] for k, v in output.items()} == {k: v["class_type"] for k, v in api.items()}
+                for node_id, node in api.items():
+                    declared = info[node["class_type"]]["input"]
+                    declared = {**declared.get("required", {}), **declared.get("optional", {})}
+                    # The frontend also sends values of UI-only widgets (LoadAudio's player: audioUI), which the
+                    # server ignores; compare what the node declares.
+                    sent = {k: v for k, v in output[node_id]["inputs"].items() if k in declared}
+                    assert sent == node["inputs"], (name, node["class_type"])
+            assert errors == [], errors
+        finally:
+            browser.close()
