@@ -309,6 +309,27 @@ def preview_latent(denoised: torch.Tensor) -> torch.Tensor:
     return denoised[:, :, index : index + 1]
 
 
+# ================================================================================================ memory
+def sampling_memory_bytes(num_latent_frames: int, latent_h: int, latent_w: int, config: Any, dtype_bytes: int) -> int:
+    """Rough peak activation memory of one transformer pass (guidance passes run one after another), so ComfyUI's
+    model management frees that much beside the weights: the hidden states, the FFN expansion and the attention
+    projections of one block, with 50 % headroom."""
+    p_t, p_h, p_w = config.patch_size
+    tokens = (num_latent_frames // p_t) * (latent_h // p_h) * (latent_w // p_w)
+    inner = config.num_attention_heads * config.attention_head_dim
+    return int(tokens * (config.ffn_dim + 6 * inner) * dtype_bytes * 1.5)
+
+
+def vae_decode_memory_bytes(latent_h: int, latent_w: int, dtype_bytes: int) -> int:
+    """ComfyUI's own estimate for decoding Wan2.2 VAE latents (comfy/sd.py), which also decodes frame by frame."""
+    return int(8000 * latent_h * latent_w * 16 * 16 * dtype_bytes)
+
+
+def vae_encode_memory_bytes(height: int, width: int, dtype_bytes: int) -> int:
+    """ComfyUI's own estimate for encoding with the Wan2.2 VAE (comfy/sd.py)."""
+    return int(3300 * height * width * dtype_bytes)
+
+
 # ================================================================================================ images
 def reference_from_images(images: Any) -> np.ndarray:
     """The first image of a ComfyUI IMAGE batch as uint8 RGB (H, W, 3)."""

@@ -193,21 +193,27 @@ class ManagedModel:
     extra: dict = field(default_factory=dict)
 
     @contextlib.contextmanager
-    def use(self) -> Iterator[torch.nn.Module]:
-        self.load()
+    def use(self, memory_required: int = 0) -> Iterator[torch.nn.Module]:
+        """The module on its load device for the ``with`` block; ``memory_required``: bytes of activations to
+        keep free beside the weights (ComfyUI unloads other models to make room)."""
+        self.load(memory_required)
         try:
             yield self.module
         finally:
             if self.placement == "offload_after_use":
                 self.offload()
 
-    def load(self) -> None:
+    def load(self, memory_required: int = 0) -> None:
         if self.patcher is not None:
             # force_full_load: our modules have no ComfyUI cast hooks, so a partial (lowvram) load would leave
             # layers on the CPU; ComfyUI makes room by unloading its own models instead.
-            _mm.load_models_gpu([self.patcher], force_full_load=True)
+            _mm.load_models_gpu([self.patcher], memory_required=int(memory_required), force_full_load=True)
         else:
             self.module.to(self.load_device)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return next(self.module.parameters()).element_size()
 
     def offload(self) -> None:
         if self.patcher is not None:

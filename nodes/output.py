@@ -40,8 +40,10 @@ class ActAvatarDecode:
         out = bridge.intermediate_device()
         chunk = int(chunk_latent_frames)
         frames = []
-        with vae.managed.use() as module:
-            batch = glue.normalised_latents(latent["samples"], module)
+        samples = latent["samples"]
+        memory = glue.vae_decode_memory_bytes(samples.shape[-2], samples.shape[-1], vae.managed.dtype_bytes)
+        with vae.managed.use(memory) as module:
+            batch = glue.normalised_latents(samples, module)
             progress = bridge.progress_bar(int(batch.shape[0]) * math.ceil(int(batch.shape[2]) / chunk))
             done = 0
             for item in batch:

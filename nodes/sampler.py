@@ -108,7 +108,7 @@ class ActAvatarSampler:
         embedding = audio_embeds.embedding(fps, num_frames, config.audio_window)
         glue.check_audio_features(embedding, config.audio_feature_dim, config.audio_num_layers, config.audio_window)
         bridge.throw_if_interrupted()
-        with vae.managed.use() as vae_module:
+        with vae.managed.use(glue.vae_encode_memory_bytes(height, width, vae.managed.dtype_bytes)) as vae_module:
             first_latent = encode_reference(vae_module, reference, int(width), int(height))
         routing = build_routing(script, conditioning.prompt.block_ids, num_latent, fps, options.feather)
         cond = Conditioning(text=conditioning.prompt.embeds, phase_ids=conditioning.prompt.block_ids,
@@ -121,7 +121,9 @@ class ActAvatarSampler:
             preview = previewer(glue.preview_latent(info.denoised)) if previewer is not None else None
             progress.update_absolute(info.step, info.total, preview)
 
-        with model.managed.use() as module:
+        memory = glue.sampling_memory_bytes(num_latent, first_latent.shape[-2], first_latent.shape[-1], config,
+                                            model.managed.dtype_bytes)
+        with model.managed.use(memory) as module:
             if audio_schedule != "trained":
                 module.set_audio_schedule(audio_schedule, float(audio_gamma))
             try:

@@ -524,3 +524,15 @@ def test_demo_inputs_are_written_once(tmp_path):
     (tmp_path / "speech.wav").write_bytes(b"mine")
     assert glue.write_demo_inputs(tmp_path, "ref.png", "speech.wav") == []
     assert (tmp_path / "speech.wav").read_bytes() == b"mine"  # the user's file is kept
+
+
+def test_memory_estimates_grow_with_the_clip():
+    """What the nodes ask ComfyUI to keep free beside the weights (load_models_gpu's memory_required)."""
+    from actavatar_core.tiny import TI2V_5B_TRANSFORMER
+
+    config = type("C", (), TI2V_5B_TRANSFORMER)
+    short = glue.sampling_memory_bytes(9, 80, 44, config, 2)
+    long = glue.sampling_memory_bytes(31, 80, 44, config, 2)
+    assert 0 < short < long and 1e9 < long < 2e10  # 704x1280, 121 frames in bf16: a few GB
+    assert glue.vae_decode_memory_bytes(80, 44, 2) > glue.vae_decode_memory_bytes(40, 22, 2) > 0
+    assert glue.vae_encode_memory_bytes(1280, 704, 2) == 3300 * 1280 * 704 * 2
