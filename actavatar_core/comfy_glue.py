@@ -309,6 +309,49 @@ def preview_latent(denoised: torch.Tensor) -> torch.Tensor:
     return denoised[:, :, index : index + 1]
 
 
+# ================================================================================================ VAE statistics
+#: safetensors metadata keys (JSON lists, one value per latent channel) through which a single-file VAE carries
+#: its latent statistics. ComfyUI's wan2.2_vae.safetensors has none (the loader uses Wan2.2's published values);
+#: a VAE trained with other statistics (the bundled mini model's) must carry them or its latents are mis-scaled.
+VAE_STATS_KEYS = ("latents_mean", "latents_std")
+
+
+def vae_stats_from_file(path: str | Path) -> tuple[list[float], list[float]] | None:
+    """(mean, std) from a safetensors file's metadata, or None when the file carries none."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if not all(k in metadata for k in VAE_STATS_KEYS):
+        return None
+    try:
+        mean, std = (json.loads(metadata[k]) for k in VAE_STATS_KEYS)
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"'{Path(path).name}' has unreadable latent statistics in its metadata ({exc}).",
+                           "Re-export the VAE; latents_mean/latents_std must be JSON lists of numbers.") from None
+    if len(mean) != len(std) or not all(v > 0 and math.isfinite(v) for v in std):
+        raise WeightsError(f"'{Path(path).name}' has inconsistent latent statistics ({len(mean)} means, {len(std)} "
+                           "standard deviations, all deviations must be positive).", "Re-export the VAE.")
+    return mean, std
+
+
+def apply_vae_stats(vae: Any, path: str | Path) -> bool:
+    """Use the statistics a VAE file carries (see VAE_STATS_KEYS); True when it carried some."""
+    stats = vae_stats_from_file(path)
+    if stats is None:
+        return False
+    if len(stats[0]) != int(vae.config.z_dim):
+        raise WeightsError(f"'{Path(path).name}' carries statistics for {len(stats[0])} latent channels, but the VAE "
+                           f"has {vae.config.z_dim}.", "Re-export the VAE.")
+    vae.register_to_config(latents_mean=stats[0], latents_std=stats[1])
+    return True
+
+
 # ================================================================================================ memory
 def sampling_memory_bytes(num_latent_frames: int, latent_h: int, latent_w: int, config: Any, dtype_bytes: int) -> int:
     """Rough peak activation memory of one transformer pass (guidance passes run one after another), so ComfyUI's

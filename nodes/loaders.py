@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Any
 
+from actavatar_core import comfy_glue as glue
+
 from . import comfy_bridge as bridge
 from .model_folders import default_choice
 from .values import AUDIO_ENCODER, MODEL, TEXT_ENCODER, VAE, AudioEncoder, LoadedModel, TextEncoder
@@ -155,6 +157,7 @@ class ActAvatarVAELoader:
         load_device, offload_device = bridge.devices("vae", device)
         dtype = bridge.resolve_dtype(precision, "vae", load_device)
         model = load_wan_vae(path, dtype=dtype, device=offload_device)
+        glue.apply_vae_stats(model, path)  # a VAE trained with its own latent statistics carries them
         managed = bridge.manage(model, "vae", device, name=vae_name)
         return (LoadedModel(managed, path, {"dtype": str(dtype)}),)
 

@@ -536,3 +536,27 @@ def test_memory_estimates_grow_with_the_clip():
     assert 0 < short < long and 1e9 < long < 2e10  # 704x1280, 121 frames in bf16: a few GB
     assert glue.vae_decode_memory_bytes(80, 44, 2) > glue.vae_decode_memory_bytes(40, 22, 2) > 0
     assert glue.vae_encode_memory_bytes(1280, 704, 2) == 3300 * 1280 * 704 * 2
+
+
+def test_vae_loader_uses_the_statistics_the_file_carries(tiny_comfy_models, tmp_path):
+    """A single-file VAE trained with its own latent statistics (the mini model's) keeps them; without metadata the
+    loader's values stay (ComfyUI's wan2.2_vae.safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    from nodes.loaders import ActAvatarVAELoader
+
+    models, names = tiny_comfy_models
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    mean, std = [0.1 * i for i in range(48)], [0.5 + 0.01 * i for i in range(48)]
+    tensors = load_file(str(models / "vae" / names["vae"]))
+    save_file(tensors, str(folder / "stats.safetensors"),
+              metadata={"latents_mean": json.dumps(mean), "latents_std": json.dumps(std)})
+    save_file(tensors, str(folder / "bad.safetensors"), metadata={"latents_mean": "[1]", "latents_std": "[0]"})
+    bridge.set_folder_paths("vae", [folder, models / "vae"])
+    vae, = ActAvatarVAELoader().load("stats.safetensors", "auto", "auto")
+    assert list(vae.module.config.latents_mean) == mean and list(vae.module.config.latents_std) == std
+    plain, = ActAvatarVAELoader().load(names["vae"], "auto", "auto")
+    assert list(plain.module.config.latents_std) == [1.0] * 48
+    with pytest.raises(WeightsError, match="must be positive"):
+        ActAvatarVAELoader().load("bad.safetensors", "auto", "auto")
