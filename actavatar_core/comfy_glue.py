@@ -352,6 +352,33 @@ def apply_vae_stats(vae: Any, path: str | Path) -> bool:
     return True
 
 
+# ================================================================================================ transformer heads
+def head_layout_from_weights(path: str | Path | None) -> dict[str, int] | None:
+    """The attention-head layout (``num_attention_heads``, ``attention_head_dim``) of the transformer an ActAvatar
+    weights file was trained on, read from its metadata (no tensor is read), or None.
+
+    A single-file Wan transformer does not say how its width splits into heads; the loader assumes Wan's 128-wide
+    heads, which is right for every released Wan model but not for a small model with other heads (the bundled
+    mini model). The ActAvatar weights know, so the Model Loader passes this on to the transformer loader.
+    """
+    if path is None or not str(path).endswith(".safetensors"):
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        base = json.loads(metadata.get("base_config") or "{}")
+    except ValueError:
+        return None
+    heads, head_dim = base.get("num_attention_heads"), base.get("attention_head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0:
+        return {"num_attention_heads": heads, "attention_head_dim": head_dim}
+    return None
+
+
 # ================================================================================================ memory
 def sampling_memory_bytes(num_latent_frames: int, latent_h: int, latent_w: int, config: Any, dtype_bytes: int) -> int:
     """Rough peak activation memory of one transformer pass (guidance passes run one after another), so ComfyUI's

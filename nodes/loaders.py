@@ -86,7 +86,8 @@ class ActAvatarModelLoader:
         weights = None if actavatar_weights == "none" else bridge.full_path("actavatar", actavatar_weights)
         load_device, offload_device = bridge.devices("diffusion", device)
         dtype = bridge.resolve_dtype(precision, "diffusion", load_device)
-        base = load_wan_transformer(path, dtype=dtype, device=offload_device, require_ti2v=True)
+        base = load_wan_transformer(path, dtype=dtype, device=offload_device, require_ti2v=True,
+                                    config=glue.head_layout_from_weights(weights))
         model = build_from_weights(base, weights).eval()
         if weights is None:
             log.warning("ActAvatar: no ActAvatar weights picked; the audio adapter is untrained (no lip sync).")

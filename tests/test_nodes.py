@@ -560,3 +560,23 @@ def test_vae_loader_uses_the_statistics_the_file_carries(tiny_comfy_models, tmp_
     assert list(plain.module.config.latents_std) == [1.0] * 48
     with pytest.raises(WeightsError, match="must be positive"):
         ActAvatarVAELoader().load("bad.safetensors", "auto", "auto")
+
+
+def test_model_loader_takes_the_head_layout_from_the_actavatar_weights(tiny_comfy_models, tmp_path):
+    """A transformer whose heads are not Wan's 128 wide (like the mini model's) loads right when its ActAvatar
+    weights are picked: the weights' metadata says how the width splits into heads."""
+    from actavatar_core.loading import load_wan_transformer
+    from actavatar_core.model import ActAvatarTransformer, save_actavatar_weights
+    from nodes.loaders import ActAvatarModelLoader
+
+    models, names = tiny_comfy_models
+    path = models / "diffusion_models" / names["diffusion_models"]
+    base = load_wan_transformer(path, dtype=torch.float32, config={"num_attention_heads": 4})  # 4 x 64, not 2 x 128
+    save_actavatar_weights(ActAvatarTransformer.from_base(base, audio_feature_dim=64, audio_num_layers=3),
+                           tmp_path / "four_heads.safetensors")
+    bridge.set_folder_paths("diffusion_models", [models / "diffusion_models"])
+    bridge.set_folder_paths("actavatar", [tmp_path])
+    model, = ActAvatarModelLoader().load(names["diffusion_models"], "four_heads.safetensors", "auto", "auto")
+    assert (model.module.config.num_attention_heads, model.module.config.attention_head_dim) == (4, 64)
+    assert glue.head_layout_from_weights(models / "actavatar" / names["actavatar"]) == {
+        "num_attention_heads": 2, "attention_head_dim": 128}
