@@ -12,8 +12,6 @@ import logging
 import os
 from typing import Any
 
-from actavatar_core import comfy_glue as glue
-
 from . import comfy_bridge as bridge
 from .model_folders import default_choice
 from .values import AUDIO_ENCODER, MODEL, TEXT_ENCODER, VAE, AudioEncoder, LoadedModel, TextEncoder
@@ -86,8 +84,7 @@ class ActAvatarModelLoader:
         weights = None if actavatar_weights == "none" else bridge.full_path("actavatar", actavatar_weights)
         load_device, offload_device = bridge.devices("diffusion", device)
         dtype = bridge.resolve_dtype(precision, "diffusion", load_device)
-        base = load_wan_transformer(path, dtype=dtype, device=offload_device, require_ti2v=True,
-                                    config=glue.head_layout_from_weights(weights))
+        base = load_wan_transformer(path, dtype=dtype, device=offload_device, require_ti2v=True)
         model = build_from_weights(base, weights).eval()
         if weights is None:
             log.warning("ActAvatar: no ActAvatar weights picked; the audio adapter is untrained (no lip sync).")
@@ -158,7 +155,6 @@ class ActAvatarVAELoader:
         load_device, offload_device = bridge.devices("vae", device)
         dtype = bridge.resolve_dtype(precision, "vae", load_device)
         model = load_wan_vae(path, dtype=dtype, device=offload_device)
-        glue.apply_vae_stats(model, path)  # a VAE trained with its own latent statistics carries them
         managed = bridge.manage(model, "vae", device, name=vae_name)
         return (LoadedModel(managed, path, {"dtype": str(dtype)}),)
 
