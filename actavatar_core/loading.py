@@ -31,6 +31,7 @@ from .convert import wan_transformer as wt
 from .convert import wan_vae as vae_conv
 from .convert import wav2vec2 as w2v_conv
 from .convert.identify import KINDS, CheckpointInfo, identify
+from .convert.settings import read_settings
 from .convert.source import FP8_DTYPES, TensorSource, read_json
 from .errors import WeightsError
 
@@ -209,7 +210,7 @@ def _stream_into(model: torch.nn.Module, src: TensorSource, renames: dict[str, s
             tensor = quant.dequantize(tensor, src.get(plan.scale_keys[old]), target)
         elif tensor.is_floating_point() or tensor.dtype in FP8_DTYPES:
             tensor = tensor.to(target)
-        state[new] = tensor.to(device)
+        state[new] = _aligned(tensor.to(device))
         del tensor
     for new, fn in derived.items():
         t = fn()
@@ -222,6 +223,18 @@ def _stream_into(model: torch.nn.Module, src: TensorSource, renames: dict[str, s
                            "The file is damaged or a variant ActAvatar does not know; use the original release.") from None
     del state
     return sorted(optional - provided)
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in storage aligned like any freshly allocated tensor (64 bytes).
+
+    Why: safetensors hands out CPU tensors at odd offsets, and CPU kernels take other vectorised paths (other
+    rounding, and slower) on unaligned weights, so a loaded model would differ in the last bits from the same model
+    built in memory. The copy is one tensor at a time, so the "never two full copies" rule holds.
+    """
+    if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % 64:
+        return tensor.clone()
+    return tensor
 
 
 def _rebuild_meta_buffers(model: torch.nn.Module, device: "str | torch.device") -> None:
@@ -293,8 +306,10 @@ def load_wan_transformer(path: "str | os.PathLike[str]", *, dtype: torch.dtype |
     or a single file with original Wan keys (with or without ``model.diffusion_model.``; ComfyUI's
     ``wan2.2_ti2v_5B_fp16.safetensors``, fp8-scaled files too) or diffusers keys. The config comes from the folder's
     ``config.json`` or from the shapes (heads of 128, Wan's convention; TI2V-5B shapes use
-    ``configs/wan22_ti2v_5b_transformer.json``); ``config`` overrides entries (e.g. ``num_attention_heads`` for a
-    width that is not a multiple of 128, or a subclass's own options).
+    ``configs/wan22_ti2v_5b_transformer.json``), where the file's metadata records them (files written by
+    ``actavatar export``: ``model_config``, see :mod:`actavatar_core.convert.settings`) the head split, ``eps`` and
+    ``rope_max_seq_len`` come from there; ``config`` overrides entries (e.g. ``num_attention_heads`` for a width that
+    is not a multiple of 128, or a subclass's own options).
 
     With ``cls``, the base weights must all be in the file; the subclass's added parameters are initialised by its
     ``materialise_extra_weights(device, dtype)`` hook (else ``reset_parameters``).
@@ -328,6 +343,7 @@ def load_wan_transformer(path: "str | os.PathLike[str]", *, dtype: torch.dtype |
             cfg = _use_full_size(info.config, "wan22_ti2v_5b_transformer",
                                  ("patch_size", "in_channels", "out_channels", "text_dim", "freq_dim", "ffn_dim",
                                   "num_layers", "num_attention_heads", "image_dim"))
+            cfg.update(read_settings(src.metadata, wt.MODEL_CLASS, wt.FILE_SETTINGS, f"'{name}'"))
         cfg = wt.apply_overrides(cfg, config, dim)
         if not cfg.get("num_attention_heads") or not cfg.get("attention_head_dim"):
             raise WeightsError(f"'{name}' has width {dim}, not a multiple of 128, so its attention head count cannot "
@@ -362,7 +378,9 @@ def load_wan_vae(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = 
 
     Single files may be in the original Wan2.2 layout (ComfyUI's ``wan2.2_vae.safetensors``; converted here, since
     diffusers' ``from_single_file`` cannot) or in diffusers keys. The config is inferred from shapes
-    (``configs/wan22_vae.json``, with the latent mean/std, for the full-size VAE; tiny VAEs get mean 0 / std 1).
+    (``configs/wan22_vae.json``, with the latent mean/std, for the full-size VAE; tiny VAEs get mean 0 / std 1),
+    except that the latent mean/std recorded in the file's metadata win (files written by ``actavatar export``:
+    the original layout has no tensor for the trained stats).
     A Wan2.1 VAE (16 channels) is refused: the 5B model needs the Wan2.2 VAE.
     """
     from diffusers import AutoencoderKLWan
@@ -403,6 +421,7 @@ def load_wan_vae(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = 
             cfg = _use_full_size(cfg, "wan22_vae", ("base_dim", "decoder_base_dim", "z_dim", "dim_mult",
                                                     "num_res_blocks", "temperal_downsample", "in_channels",
                                                     "out_channels"))
+            cfg.update(_vae_settings(src.metadata, int(cfg["z_dim"]), name))
         cfg.update({k: v for k, v in (config or {}).items() if not k.startswith("_")})
         target = _dtype_policy(dtype, info.dtype)
         init_keys = _diffusers_init_keys(AutoencoderKLWan)
@@ -411,6 +430,24 @@ def load_wan_vae(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = 
         _stream_into(model, src, renames, dtype=target, device=device, keep_fp32=keep, name=name)
     _check_no_meta(model, "the VAE")
     return model.eval()
+
+
+def _vae_settings(metadata: dict[str, str], z_dim: int, name: str) -> dict[str, Any]:
+    """The VAE settings recorded in the metadata, checked: one mean and one positive std per latent channel."""
+    found = read_settings(metadata, vae_conv.MODEL_CLASS, vae_conv.FILE_SETTINGS, f"'{name}'")
+    for key in ("latents_mean", "latents_std"):
+        if key not in found:
+            continue
+        value = found[key]
+        ok = isinstance(value, list) and len(value) == z_dim and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if ok and key == "latents_std":
+            ok = all(v > 0 for v in value)
+        if not ok:
+            raise WeightsError(f"'{name}' records {key} in its metadata that does not fit its {z_dim} latent channels.",
+                               "Re-export the VAE with 'actavatar export', or re-download it.")
+        found[key] = [float(v) for v in value]
+    return found
 
 
 # ================================================================================================ umT5
@@ -426,7 +463,8 @@ def load_umt5(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = Non
     Tokenizer, first found: ``tokenizer`` (a tokenizer object, a folder, ``tokenizer.json`` or ``spiece.model``);
     the ``spiece_model`` tensor inside ComfyUI's file; ``spiece.model``/``tokenizer.json``/``tokenizer/`` next to
     the file (for a ``text_encoder/`` folder also ``../tokenizer/``). Otherwise a :class:`WeightsError` says where to
-    get one. The config is inferred from shapes (tiny models too; ``configs/umt5_xxl.json`` for umT5-XXL).
+    get one. The config is inferred from shapes (tiny models too; ``configs/umt5_xxl.json`` for umT5-XXL); the
+    relative-position range, norm epsilon and FFN activation recorded in the file's metadata win (exported files).
     """
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -450,6 +488,7 @@ def load_umt5(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = Non
         else:
             cfg = _use_full_size(info.config, "umt5_xxl", ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
                                                           "num_heads", "relative_attention_num_buckets"))
+            cfg.update(read_settings(src.metadata, umt5_conv.MODEL_CLASS, umt5_conv.FILE_SETTINGS, f"'{name}'"))
         cfg.update(config or {})
         cfg.pop("model_type", None)
         target = _dtype_policy(dtype, info.dtype)
@@ -543,14 +582,27 @@ def _resolve_tokenizer(tokenizer: Any, src: TensorSource, prefix: str, path: Pat
 
 
 # ================================================================================================ wav2vec2
+def _recorded_flag(metadata: dict[str, str], key: str, name: str) -> bool | None:
+    """A "true"/"false" metadata entry (None when absent); anything else is a damaged file."""
+    if key not in metadata:
+        return None
+    value = str(metadata[key]).strip().lower()
+    if value not in ("true", "false"):
+        raise WeightsError(f"'{name}' has '{key}={metadata[key]}' in its metadata; expected true or false.",
+                           "Re-export the file with 'actavatar export', or re-download it.")
+    return value == "true"
+
+
 def load_wav2vec2(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = None,
                   device: "str | torch.device" = "cpu", config: dict[str, Any] | None = None):
     """``(Wav2Vec2Model, info)`` from ComfyUI's audio-encoder files or HF checkpoints/folders.
 
     ``info``: ``{"do_normalize", "sample_rate": 16000, "num_layers", "hidden_size"}``. ``do_normalize`` follows
     ComfyUI (large: True; base, i.e. chinese-wav2vec2-base: False) unless a folder's ``preprocessor_config.json``
-    says otherwise. Keys with or without ``wav2vec2.``; CTC/pre-training heads are ignored. The config is inferred
-    from shapes (tiny models included; heads are 64 wide, or 16 wide for widths that are not a multiple of 64).
+    or the file's ``do_normalize`` metadata (exported files) says otherwise. Keys with or without ``wav2vec2.``;
+    CTC/pre-training heads are ignored. The config is inferred from shapes (tiny models included; heads are 64
+    wide, or 16 wide for widths that are not a multiple of 64); the head count, strides, activations, norm epsilon
+    and norm placement recorded in the file's metadata win (exported files).
     """
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
@@ -588,6 +640,8 @@ def load_wav2vec2(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None =
             for flavour in ("wav2vec2_large", "wav2vec2_base"):
                 cfg = _use_full_size(cfg, flavour, ("hidden_size", "num_hidden_layers", "intermediate_size",
                                                     "conv_dim", "feat_extract_norm", "num_conv_pos_embeddings"))
+            cfg.update(read_settings(src.metadata, w2v_conv.MODEL_CLASS, w2v_conv.FILE_SETTINGS, f"'{name}'"))
+            do_normalize = _recorded_flag(src.metadata, w2v_conv.DO_NORMALIZE_KEY, name)
         cfg.update(config or {})
         if do_normalize is None:
             do_normalize = bool(cfg.get("do_stable_layer_norm", cfg.get("feat_extract_norm") == "layer"))

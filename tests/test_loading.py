@@ -636,3 +636,109 @@ def test_loaded_community_files_save_as_diffusers_folders(files, tmp_path):
     vae.save_pretrained(str(tmp_path / "vae"))
     _assert_state(L.load_wan_vae(tmp_path / "vae"), vae.state_dict())
     assert set(L.read_state_dict(tmp_path / "vae")) == set(vae.state_dict())
+
+
+# ================================================================================================ recorded settings
+# Files written by ``actavatar export`` record what shapes cannot tell in their metadata (convert/settings.py).
+def _resave(path, tensors, **metadata):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or None)
+    return path
+
+
+def test_recorded_head_split_resolves_a_width_shapes_cannot_tell(tmp_path):
+    """Width 128 reads as 1 head of 128 (Wan's convention); the mini model is 4 heads of 32."""
+    from diffusers import WanTransformer3DModel
+
+    from actavatar_core.convert.settings import settings_metadata
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=48,
+                                  out_channels=48, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1).eval()
+    renames = wt.original_rename_map(model.state_dict())
+    tensors = {"model.diffusion_model." + renames[k]: v for k, v in model.state_dict().items()}
+    bare = _resave(tmp_path / "bare.safetensors", tensors)
+    recorded = _resave(tmp_path / "recorded.safetensors", tensors,
+                       **settings_metadata(wt.MODEL_CLASS, model.config))
+    assert L.identify_checkpoint(bare).facts["num_attention_heads"] == 1
+    assert L.identify_checkpoint(recorded).facts["num_attention_heads"] == 4
+    guessed, loaded = L.load_wan_transformer(bare), L.load_wan_transformer(recorded)
+    assert (guessed.config.num_attention_heads, guessed.config.attention_head_dim) == (1, 128)
+    assert (loaded.config.num_attention_heads, loaded.config.attention_head_dim) == (4, 32)
+    x, t, ctx = _wan_inputs({"in_channels": 48, "text_dim": 32})
+    with torch.no_grad():
+        want = model(x, t, ctx, return_dict=False)[0]
+        torch.testing.assert_close(loaded(x, t, ctx, return_dict=False)[0], want, rtol=0, atol=0)
+        assert (guessed(x, t, ctx, return_dict=False)[0] - want).abs().max() > 1e-3  # wrong heads, other output
+    # the caller's config still wins over the file's
+    assert L.load_wan_transformer(recorded, config={"num_attention_heads": 2}).config.attention_head_dim == 64
+
+
+def test_recorded_settings_of_another_class_are_ignored_and_damaged_ones_refused(files, tmp_path):
+    from actavatar_core.convert.settings import MODEL_CLASS_KEY, MODEL_CONFIG_KEY
+
+    w = files["tr"]
+    other = _resave(tmp_path / "other.safetensors", w.stored, **{MODEL_CLASS_KEY: "SomethingElse",
+                                                                 MODEL_CONFIG_KEY: '{"num_attention_heads": 8}'})
+    assert L.load_wan_transformer(other).config.num_attention_heads == 2
+    damaged = _resave(tmp_path / "damaged.safetensors", w.stored, **{MODEL_CLASS_KEY: wt.MODEL_CLASS,
+                                                                     MODEL_CONFIG_KEY: "{not json"})
+    assert L.identify_checkpoint(damaged).kind == "wan_transformer"  # identification never fails on metadata
+    with pytest.raises(WeightsError, match="damaged 'model_config'"):
+        L.load_wan_transformer(damaged)
+    wrong = _resave(tmp_path / "wrong.safetensors", w.stored, **{MODEL_CLASS_KEY: wt.MODEL_CLASS,
+                                                                 MODEL_CONFIG_KEY: '{"num_attention_heads": 3}'})
+    with pytest.raises(WeightsError, match="3 heads"):
+        L.load_wan_transformer(wrong)
+
+
+def test_recorded_latent_stats_are_read_back(files, tmp_path):
+    from actavatar_core.convert.settings import settings_metadata
+
+    w = files["vae"]
+    mean, std = [0.01 * i for i in range(48)], [0.5 + 0.01 * i for i in range(48)]
+    path = _resave(tmp_path / "vae.safetensors", w.stored,
+                   **settings_metadata(vae_conv.MODEL_CLASS, {"latents_mean": mean, "latents_std": std, "z_dim": 99}))
+    vae = L.load_wan_vae(path)
+    assert list(vae.config.latents_mean) == mean and list(vae.config.latents_std) == std
+    assert vae.config.z_dim == 48  # z_dim is not a recorded setting: the shapes tell it
+    _assert_state(vae, w.reference)
+    plain = L.load_wan_vae(w.path)  # without metadata: the old behaviour
+    assert set(plain.config.latents_mean) == {0.0} and set(plain.config.latents_std) == {1.0}
+    for bad in ({"latents_mean": mean[:16]}, {"latents_std": [0.0] * 48}, {"latents_mean": ["x"] * 48}):
+        path = _resave(tmp_path / "bad.safetensors", w.stored, **settings_metadata(vae_conv.MODEL_CLASS, bad))
+        with pytest.raises(WeightsError, match="latent channels"):
+            L.load_wan_vae(path)
+
+
+def test_recorded_umt5_settings_are_read_back(files, tmp_path):
+    from actavatar_core.convert import umt5 as umt5_conv
+    from actavatar_core.convert.settings import settings_metadata
+
+    w = files["umt5"]
+    path = _resave(tmp_path / "umt5.safetensors", w.stored,
+                   **settings_metadata(umt5_conv.MODEL_CLASS, {**w.config, "relative_attention_max_distance": 16,
+                                                                "layer_norm_epsilon": 1e-5}))
+    model, _ = L.load_umt5(path)
+    assert model.config.relative_attention_max_distance == 16 and model.config.layer_norm_epsilon == 1e-5
+    assert L.load_umt5(w.path)[0].config.relative_attention_max_distance == 128
+
+
+def test_recorded_wav2vec2_heads_and_do_normalize_are_read_back(files, tmp_path):
+    from actavatar_core.convert import wav2vec2 as w2v_conv
+    from actavatar_core.convert.settings import settings_metadata
+
+    w = files["w2v_large"]  # width 64: one 64-wide head by convention
+    assert L.load_wav2vec2(w.path)[0].config.num_attention_heads == 1
+    meta = settings_metadata(w2v_conv.MODEL_CLASS, {**w.config, "num_attention_heads": 4})
+    path = _resave(tmp_path / "w2v.safetensors", w.stored, **meta, do_normalize="false")
+    model, info = L.load_wav2vec2(path, dtype=torch.float32)
+    assert model.config.num_attention_heads == 4 and info["do_normalize"] is False
+    ref = _hf_wav2vec2({**w.config, "num_attention_heads": 4}, w.reference)
+    audio = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(audio).last_hidden_state, ref(audio).last_hidden_state)
+    path = _resave(tmp_path / "w2v_bad.safetensors", w.stored, do_normalize="maybe")
+    with pytest.raises(WeightsError, match="do_normalize=maybe"):
+        L.load_wav2vec2(path)

@@ -16,6 +16,7 @@ from . import umt5 as umt5_conv
 from . import wan_transformer as wt
 from . import wan_vae as vae_conv
 from . import wav2vec2 as w2v_conv
+from .settings import read_settings
 from .source import FP8_DTYPES
 
 KINDS = ("wan_transformer", "wan22_vae", "wan21_vae", "umt5", "wav2vec2", "whisper", "actavatar", "clip_vision",
@@ -89,6 +90,8 @@ def identify(metas: Metas, metadata: dict[str, str] | None = None, *, quant_styl
         except KeyError as exc:
             return info("wan_transformer", file_layout, f"an incomplete Wan transformer (no {exc})", prefix,
                         variant=variant)
+        # An exported file records the head split its width cannot tell (e.g. 4 heads of 32 in width 128).
+        config.update(read_settings(metadata, wt.MODEL_CLASS, wt.FILE_SETTINGS, strict=False))
         dim = int(bare_metas["patch_embedding.weight"][0][0])
         description = variant or wt.describe(config, dim)
         return info("wan_transformer", file_layout, description, prefix, variant=variant, dim=dim,

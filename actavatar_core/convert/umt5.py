@@ -19,6 +19,12 @@ ShapeOf = Callable[[str], tuple]
 MARKER = "encoder.final_layer_norm.weight"
 TOKENIZER_KEY = "spiece_model"
 
+#: The class whose config :mod:`.settings` records in exported files' metadata.
+MODEL_CLASS = "UMT5EncoderModel"
+#: Config entries the shapes cannot tell (the relative-position range, the norm epsilon, the FFN activation):
+#: read from the file's metadata when it records them.
+FILE_SETTINGS = ("relative_attention_max_distance", "layer_norm_epsilon", "feed_forward_proj")
+
 
 def find_prefix(keys: Iterable[str]) -> str | None:
     best = None

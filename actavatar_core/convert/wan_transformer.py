@@ -39,6 +39,12 @@ VARIANT_MARKERS: tuple[tuple[str, str], ...] = (
 
 ORIGINAL_MARKER = "patch_embedding.weight"
 
+#: The class whose config :mod:`.settings` records in exported files' metadata.
+MODEL_CLASS = "WanTransformer3DModel"
+#: Config entries the shapes cannot tell (the head split of the width, epsilon, RoPE table length): read from the
+#: file's metadata when it records them (see :mod:`.settings`).
+FILE_SETTINGS = ("num_attention_heads", "attention_head_dim", "eps", "rope_max_seq_len")
+
 
 def find_prefix(keys: Iterable[str]) -> str | None:
     """The prefix in front of the transformer keys ('' for none, 'model.diffusion_model.' for ComfyUI saves)."""
@@ -233,3 +239,62 @@ def describe(config: dict[str, Any], dim: int) -> str:
         what = kind or "text-to-video"
         return f"a Wan 14B {what} transformer ({cin} input channels; Wan2.1 14B or a Wan2.2 A14B expert)"
     return f"a Wan transformer (width {dim}, {layers} layers, {cin} input channels)"
+
+
+# ---------------------------------------------------------------------------------------------- export (inverse)
+#: diffusers -> original rules, the inverse of :data:`_OWN_RULES` (applied in order, each at most once).
+_INVERSE_RULES: tuple[tuple[str, str], ...] = (
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),
+    (r"^(blocks\.\d+)\.attn1\.", r"\1.self_attn."),
+    (r"^(blocks\.\d+)\.attn2\.", r"\1.cross_attn."),
+    (r"^(blocks\.\d+\.(?:self|cross)_attn)\.to_q\.", r"\1.q."),
+    (r"^(blocks\.\d+\.(?:self|cross)_attn)\.to_k\.", r"\1.k."),
+    (r"^(blocks\.\d+\.(?:self|cross)_attn)\.to_v\.", r"\1.v."),
+    (r"^(blocks\.\d+\.(?:self|cross)_attn)\.to_out\.0\.", r"\1.o."),
+    (r"^(blocks\.\d+\.cross_attn)\.add_k_proj\.", r"\1.k_img."),
+    (r"^(blocks\.\d+\.cross_attn)\.add_v_proj\.", r"\1.v_img."),
+    (r"^(blocks\.\d+\.cross_attn)\.norm_added_k\.", r"\1.norm_k_img."),
+    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
+    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+)
+_INVERSE_COMPILED = tuple((re.compile(a), b) for a, b in _INVERSE_RULES)
+
+
+def original_key(key: str) -> str:
+    """A diffusers ``WanTransformer3DModel`` key -> its original Wan/ComfyUI name (unverified; see
+    :func:`original_rename_map`)."""
+    for pat, rep in _INVERSE_COMPILED:
+        key = pat.sub(rep, key)
+    return key
+
+
+def original_rename_map(keys: Iterable[str]) -> dict[str, str]:
+    """{diffusers key: original key} for writing a file in the original layout, verified by a round trip.
+
+    Why verified: the loader's direction is diffusers' own converter (:func:`rename_map`); the inverse is only
+    right if that converter maps every written name back to the key it came from, so this checks exactly that and
+    raises ``ValueError`` naming the keys that do not survive (e.g. a module the original layout has no name for).
+    """
+    keys = list(keys)
+    forward = {k: original_key(k) for k in keys}
+    originals = list(forward.values())
+    if len(set(originals)) != len(originals):
+        raise ValueError("two diffusers keys map to the same original Wan key")
+    back = {old: new for new, old in rename_map(originals, "original").items()}
+    bad = [f"{k} -> {o} -> {back.get(o)}" for k, o in forward.items() if back.get(o) != k]
+    if bad:
+        raise ValueError(f"{len(bad)} key(s) do not survive the original-layout round trip: {', '.join(bad[:3])}")
+    return forward

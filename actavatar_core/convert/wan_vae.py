@@ -34,6 +34,12 @@ _HEAD = {"head.0.gamma": "norm_out.gamma", "head.2.weight": "conv_out.weight", "
 _TOP = {"conv1.weight": "quant_conv.weight", "conv1.bias": "quant_conv.bias",
         "conv2.weight": "post_quant_conv.weight", "conv2.bias": "post_quant_conv.bias"}
 
+#: The class whose config :mod:`.settings` records in exported files' metadata.
+MODEL_CLASS = "AutoencoderKLWan"
+#: Config entries the shapes cannot tell: the trained per-channel latent stats (the original layout has no tensor
+#: for them). Read from the file's metadata when it records them.
+FILE_SETTINGS = ("latents_mean", "latents_std")
+
 
 def find_prefix(keys: Iterable[str]) -> str | None:
     """The prefix in front of the VAE keys ('' usually; 'first_stage_model.' or 'vae.' in combined files)."""
@@ -136,3 +142,67 @@ def is_residual_diffusers(keys: Iterable[str]) -> bool:
 def latent_channels(keys: Iterable[str], shape_of: ShapeOf, layout: str) -> int:
     key = "conv2.weight" if layout.endswith("original") else "post_quant_conv.weight"
     return int(shape_of(key)[0])
+
+
+# ---------------------------------------------------------------------------------------------- export (inverse)
+_RESIDUAL_BACK = {v: k for k, v in _RESIDUAL.items()}
+_HEAD_BACK = {v: k for k, v in _HEAD.items()}
+_TOP_BACK = {v: k for k, v in _TOP.items()}
+_D_MID = re.compile(r"^(encoder|decoder)\.mid_block\.(attentions|resnets)\.(\d+)\.(.+)$")
+_D_RES = re.compile(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.resnets\.(\d+)\.(.+)$")
+_D_SAMPLER = re.compile(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(?:downsampler|upsampler)\.(.+)$")
+
+
+def _original22_key(key: str, resnets: dict[tuple[str, int], int]) -> str | None:
+    if key in _TOP_BACK:
+        return _TOP_BACK[key]
+    side, _, rest = key.partition(".")
+    if rest.startswith("conv_in."):
+        return f"{side}.conv1.{rest[len('conv_in.'):]}"
+    if rest in _HEAD_BACK:
+        return f"{side}.{_HEAD_BACK[rest]}"
+    m = _D_MID.match(key)
+    if m:
+        side, what, index, tail = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+        if what == "attentions":
+            return f"{side}.middle.1.{tail}" if index == 0 else None
+        return f"{side}.middle.{2 * index}.{_RESIDUAL_BACK[tail]}" if tail in _RESIDUAL_BACK else None
+    m = _D_RES.match(key)
+    if m:
+        stage, i, j, tail = m.groups()
+        outer = "encoder.downsamples" if stage.startswith("encoder") else "decoder.upsamples"
+        inner = outer.rpartition(".")[2]
+        return f"{outer}.{i}.{inner}.{j}.{_RESIDUAL_BACK[tail]}" if tail in _RESIDUAL_BACK else None
+    m = _D_SAMPLER.match(key)
+    if m:
+        stage, i, tail = m.groups()
+        outer = "encoder.downsamples" if stage.startswith("encoder") else "decoder.upsamples"
+        inner = outer.rpartition(".")[2]
+        # The resampler follows the block's residual blocks in the original nn.Sequential.
+        return f"{outer}.{i}.{inner}.{resnets.get((stage, int(i)), 0)}.{tail}"
+    return None
+
+
+def original22_rename_map(keys: Iterable[str]) -> dict[str, str]:
+    """{diffusers key: original Wan2.2 key} for writing ``wan2.2_vae.safetensors``-style files, verified by a round
+    trip through :func:`rename_original22` (``ValueError`` naming the keys that do not survive)."""
+    keys = list(keys)
+    resnets: dict[tuple[str, int], int] = {}
+    for k in keys:
+        m = _D_RES.match(k)
+        if m:
+            slot = (m.group(1), int(m.group(2)))
+            resnets[slot] = max(resnets.get(slot, 0), int(m.group(3)) + 1)
+    out: dict[str, str] = {}
+    bad: list[str] = []
+    for k in keys:
+        o = _original22_key(k, resnets)
+        if o is None or rename_original22(o) != k:
+            bad.append(f"{k} -> {o}")
+        else:
+            out[k] = o
+    if bad:
+        raise ValueError(f"{len(bad)} key(s) have no original Wan2.2 VAE name: {', '.join(bad[:3])}")
+    if len(set(out.values())) != len(out) or layout_of(out.values()) != "wan22_original":
+        raise ValueError("the keys do not form a Wan2.2 VAE in the original layout")
+    return out

@@ -25,6 +25,16 @@ _DROP_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "final
                   "classifier.", "projector.", "dropout_features")
 OPTIONAL_KEYS = ("masked_spec_embed",)
 
+#: The class whose config :mod:`.settings` records in exported files' metadata.
+MODEL_CLASS = "Wav2Vec2Model"
+#: Config entries the shapes cannot tell (the head split, strides, activations, norm epsilon, pre- vs post-norm
+#: encoder layers): read from the file's metadata when it records them.
+FILE_SETTINGS = ("num_attention_heads", "conv_stride", "layer_norm_eps", "hidden_act", "feat_extract_activation",
+                 "do_stable_layer_norm")
+#: Metadata entry ("true"/"false") for the waveform normalisation the encoder was trained with; ComfyUI's layout
+#: has no place for it (ComfyUI ties it to the model size).
+DO_NORMALIZE_KEY = "do_normalize"
+
 
 def find_prefix(keys: Iterable[str]) -> str | None:
     best = None
