@@ -47,6 +47,21 @@ ADAPTER_CONFIG_KEYS = ("audio_feature_dim", "audio_num_layers", "audio_window", 
 BASE_SHAPE_KEYS = ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels", "patch_size")
 
 
+class TokenFrames(nn.Module):
+    """The latent frame of every video token, (1, N). A module of its own so that diffusers' context parallelism
+    can split its output like the rotary embedding's (``_cp_plan``): every block then sees the frames of exactly
+    the tokens its rank holds."""
+
+    def __init__(self, patch_size: Sequence[int]):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        return token_frame_index(frames // p_t, (height // p_h) * (width // p_w), hidden_states.device)
+
+
 class ActAvatarBlock(WanTransformerBlock):
     """A Wan block with PACA text cross-attention and an audio cross-attention before the FFN."""
 
@@ -104,9 +119,9 @@ class ActAvatarTransformer(WanTransformer3DModel):
             0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
             1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
         },
+        "token_frames": {0: ContextParallelInput(split_dim=1, expected_dims=2, split_output=True)},
         "blocks.0": {
             "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-            "token_frame": ContextParallelInput(split_dim=1, expected_dims=2, split_output=False),
         },
         "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
         "": {"timestep": ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)},
@@ -148,6 +163,7 @@ class ActAvatarTransformer(WanTransformer3DModel):
             ActAvatarBlock(inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
             for _ in range(num_layers)
         ])
+        self.token_frames = TokenFrames(patch_size)
         self.phase_embedding = nn.Embedding(max_phases + 1, inner_dim)
         nn.init.zeros_(self.phase_embedding.weight)
         self.audio_proj = AudioProjection(audio_feature_dim, audio_num_layers, audio_window, inner_dim, audio_tokens,
@@ -199,6 +215,7 @@ class ActAvatarTransformer(WanTransformer3DModel):
         post_f, post_h, post_w = num_frames // p_t, height // p_h, width // p_w
 
         rotary_emb = self.rope(hidden_states)
+        token_frame = self.token_frames(hidden_states)
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
 
         if timestep.ndim == 2:
@@ -218,7 +235,6 @@ class ActAvatarTransformer(WanTransformer3DModel):
             audio_tokens = self.audio_proj(audio_features.to(device=hidden_states.device, dtype=hidden_states.dtype))
             if audio_tokens.shape[1] != post_f:
                 raise ValueError(f"audio features cover {audio_tokens.shape[1]} latent frames, the video has {post_f}")
-        token_frame = token_frame_index(post_f, post_h * post_w, hidden_states.device)
         route = routing if paca_mode == "routed" else None
         scales = [s * audio_strength for s in self.audio_block_scales()]
 

@@ -42,6 +42,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--smoke", action="store_true", help="use tiny random models (pipeline check, output is noise)")
+    p.add_argument("--context-parallel", choices=["ulysses", "ring"], default="ulysses",
+                   help="under torchrun with several processes: how diffusers splits the video tokens across GPUs")
     return p
 
 
@@ -76,6 +78,13 @@ def _run(command: str, args: argparse.Namespace) -> int:
     from .pipeline import ActAvatarPipeline, GenerationRequest, load_model_folder
     from .sampling import SamplingOptions
 
+    from .parallel import distributed_env, enable_context_parallel, init_distributed
+
+    rank, world = 0, distributed_env()[2]
+    if world > 1:
+        rank, _, world, cp_device = init_distributed()
+        if args.device == "auto":
+            args.device = str(cp_device)
     device, dtype = resolve_device(args.device, args.dtype)
     started = time.time()
     if args.model_dir:
@@ -84,7 +93,11 @@ def _run(command: str, args: argparse.Namespace) -> int:
     else:
         models, defaults = load_default_models(device=device, dtype=dtype, smoke=args.smoke)
     label = models.info.get("name", "model")
-    print(f"model: {label} ({'loaded' if args.model_dir else 'embedded default'}) on {device}")
+    if world > 1:
+        enable_context_parallel(models.transformer, world, args.context_parallel)
+    if rank == 0:
+        print(f"model: {label} ({'loaded' if args.model_dir else 'embedded default'}) on {device}"
+              + (f", context parallel ({args.context_parallel}) over {world} processes" if world > 1 else ""))
     if command == "demo":
         image, audio, phases = demo_inputs()
     else:
@@ -97,14 +110,18 @@ def _run(command: str, args: argparse.Namespace) -> int:
     request = GenerationRequest(image=image, audio=audio, phases=phases, width=pick(args.width, "width", 704),
                                 height=pick(args.height, "height", 1280), fps=pick(args.fps, "fps", DEFAULT_FPS),
                                 num_frames=args.frames, negative=args.negative, options=options)
-    bar = tqdm(total=options.steps, desc="sampling", unit="step")
+    bar = tqdm(total=options.steps, desc="sampling", unit="step", disable=rank != 0)
 
     def on_step(info: Any) -> None:
         bar.update(1)
 
     try:
-        result = ActAvatarPipeline(models).generate_to_file(request, args.out, overwrite=args.overwrite or command == "demo",
-                                                            on_step=on_step)
+        pipeline = ActAvatarPipeline(models)
+        if rank != 0:  # the other ranks only help the transformer; rank 0 decodes and writes
+            pipeline.generate_latents(request, on_step=on_step)
+            return 0
+        result = pipeline.generate_to_file(request, args.out, overwrite=args.overwrite or command == "demo",
+                                           on_step=on_step)
     finally:
         bar.close()
     frames = result.audio.num_frames

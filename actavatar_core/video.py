@@ -178,6 +178,9 @@ class Mp4Writer:
                 self._container.mux(packet)
         self._container.close()
         self._closed = True
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp made it private; the finished video gets normal permissions
         os.replace(self._tmp, self.path)
         return self.path
 

@@ -63,3 +63,14 @@ def test_images(tmp_path):
     assert load_image(np.ones((1, 4, 4, 3), np.float32)).dtype == np.uint8
     fitted = fit_image(np.zeros((100, 50, 3), np.uint8), 64, 32)
     assert fitted.shape == (32, 64, 3)
+
+
+def test_finished_video_gets_normal_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = write_mp4(tmp_path / "p.mp4", np.zeros((1, 32, 32, 3), np.uint8), 25)
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
