@@ -52,6 +52,7 @@ class StageConfig:
     lora_rank: int = 16
     batch_size: int | None = None  # None: the top-level batch size
     frames: int = 9  # vae stage: frames per training clip
+    crop: int | None = None  # vae stage: square crop size in pixels (None: whole frames)
 
 
 @dataclass

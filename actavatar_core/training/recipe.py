@@ -167,7 +167,11 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
         for _ in range(batch):
             frames = pool[int(rng.integers(len(pool)))]
             start = int(rng.integers(0, len(frames) - clip_frames + 1))
-            clips.append(frames_to_tensor(frames[start:start + clip_frames]))
+            h, w = frames.shape[1:3]
+            crop = min(scfg.crop or h, h, w)  # the VAE is convolutional: crops train it for the full frame, cheaper
+            y = int(rng.integers(0, (h - crop) // 16 + 1)) * 16
+            x0 = int(rng.integers(0, (w - crop) // 16 + 1)) * 16
+            clips.append(frames_to_tensor(frames[start:start + clip_frames, y:y + crop, x0:x0 + crop]))
         x = torch.cat(clips)
         dist = vae.encode(x).latent_dist
         z = dist.sample()
