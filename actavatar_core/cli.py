@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("actavatar_core.synth.cli", "write a synthetic talking-character dataset"),
     "train": ("actavatar_core.training.cli", "two-stage ActAvatar training from a config file"),
     "bench": ("actavatar_core.bench", "benchmarks: 'bench paca' (attention cost), 'bench method' (ablation table)"),
+    "export": ("actavatar_core.export", "write a model folder as ComfyUI model files (diffusion_models/, vae/, ...)"),
 }
 
 

@@ -1,0 +1,330 @@
+"""Export a trained ActAvatar model as the single files ComfyUI users put in their ``models/`` folders.
+
+Why: an ActAvatar model folder (``save_model_folder``) is diffusers/transformers folders, which ComfyUI users do not
+have a place for. This writes the five files in the community layouts that :mod:`actavatar_core.loading` reads
+(and that ComfyUI's own files use):
+
+| file | layout |
+|---|---|
+| ``diffusion_models/{name}_transformer.safetensors`` | original Wan keys behind ``model.diffusion_model.``, the base transformer only |
+| ``vae/{name}_vae.safetensors`` | original Wan2.2 VAE keys (``wan2.2_vae.safetensors``) |
+| ``text_encoders/{name}_umt5.safetensors`` | ComfyUI's umT5 keys + the ``spiece_model`` uint8 tensor (the tokenizer) |
+| ``audio_encoders/{name}_wav2vec2.safetensors`` | ComfyUI's wav2vec2 keys |
+| ``actavatar/{name}.safetensors`` | ActAvatar adapter weights (``save_actavatar_weights``) |
+
+What the layouts cannot express (a head split that breaks Wan's 128-wide convention, the VAE's trained latent
+stats, umT5's relative-position range, wav2vec2's head count and ``do_normalize``) goes into each file's safetensors
+metadata (:mod:`actavatar_core.convert.settings`), which the loaders read back. Round trip: :func:`load_comfyui_files`
+on the written files gives models whose generation equals the original's (exported with ``dtype=None``/fp32).
+
+Key renames are the inverses of the loaders' (diffusers' own converter for the transformer), each verified by a
+round trip before anything is written. Every file is written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ActAvatarError, OutputPathError, WeightsError
+
+__all__ = ["export_comfyui_files", "export_paths", "load_comfyui_files", "main", "COMFY_FOLDERS", "EXPORT_DTYPES"]
+
+#: Which ComfyUI ``models/`` sub-folder each file goes to, and the suffix after ``{name}``.
+COMFY_FOLDERS: dict[str, tuple[str, str]] = {
+    "transformer": ("diffusion_models", "_transformer"),
+    "vae": ("vae", "_vae"),
+    "text_encoder": ("text_encoders", "_umt5"),
+    "audio_encoder": ("audio_encoders", "_wav2vec2"),
+    "actavatar": ("actavatar", ""),
+}
+#: ``--dtype`` choices of the command.
+EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+#: ComfyUI's prefix in front of diffusion-model keys (files saved from a whole ComfyUI model carry it).
+COMFY_PREFIX = "model.diffusion_model."
+EXPORTED_BY = "actavatar export"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or name.endswith("."):
+        raise OutputPathError(f"'{name}' is not usable as a model file name.",
+                              "Use letters, digits, '.', '_' and '-' only (e.g. actavatar_mini), no folders.")
+    return name
+
+
+def export_paths(folder: "str | os.PathLike[str]", name: str = "actavatar_mini") -> dict[str, Path]:
+    """Where :func:`export_comfyui_files` writes (and :func:`load_comfyui_files` reads) each file."""
+    folder = Path(folder)
+    name = _check_name(name)
+    return {part: folder / sub / f"{name}{suffix}.safetensors" for part, (sub, suffix) in COMFY_FOLDERS.items()}
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to("cpu").contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def _spiece_bytes(models: Any) -> bytes:
+    """The SentencePiece model bytes for the umT5 file: ``models.info["spiece_model"]``, else the ``spiece.model``
+    the tokenizer was saved (and loaded) with."""
+    data = (models.info or {}).get("spiece_model")
+    if isinstance(data, (bytes, bytearray)) and data:
+        return bytes(data)
+    tok = models.tokenizer
+    candidates = []
+    vocab_file = getattr(tok, "vocab_file", None)
+    if isinstance(vocab_file, str) and vocab_file:
+        candidates.append(Path(vocab_file))
+    source = getattr(tok, "name_or_path", None)
+    if isinstance(source, str) and source:
+        candidates.append(Path(source) / "spiece.model")
+    for c in candidates:
+        if c.is_file() and c.suffix == ".model":
+            return c.read_bytes()
+    raise WeightsError(
+        "The tokenizer has no SentencePiece model to store in the umT5 file (ComfyUI's umT5 files carry the "
+        "tokenizer as a 'spiece_model' tensor): models.info has no 'spiece_model' and the tokenizer was not "
+        "loaded from a folder with a spiece.model.",
+        "Export a model trained by ActAvatar's recipe (its folder has tokenizer/spiece.model), or put the "
+        "SentencePiece model bytes in models.info['spiece_model'].")
+
+
+def _check_tokenizer(data: bytes, tokenizer: Any) -> None:
+    """Refuse a SentencePiece model that does not tokenize like the model's tokenizer: the exported umT5 file would
+    silently give other token ids."""
+    from .convert.spm import build_tokenizer
+    from .text import DEFAULT_NEGATIVE
+
+    rebuilt = build_tokenizer(data, source="the SentencePiece model to export")
+    probes = ("Phase 1 [0s-2.5s]: A person talks to the camera and raises the left hand.", DEFAULT_NEGATIVE)
+    for text in probes:
+        want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        got = list(rebuilt(text, add_special_tokens=False)["input_ids"])
+        if want != got:
+            raise WeightsError("The SentencePiece model to export does not tokenize like the model's tokenizer "
+                               f"(e.g. '{text[:40]}...'), so the exported text encoder would see other tokens.",
+                               "Put the SentencePiece model the tokenizer was built from in "
+                               "models.info['spiece_model'].")
+
+
+# ---------------------------------------------------------------------------------------------- the parts
+def _transformer_renames(transformer: Any) -> dict[str, str]:
+    """{model key: key in the file} of the base transformer (adapter keys excluded), verified."""
+    from .convert import wan_transformer as wt
+    from .model import is_adapter_key
+
+    keys = [k for k in transformer.state_dict() if not is_adapter_key(k)]
+    peft = [k for k in keys if ".base_layer." in k or ".lora_" in k]
+    if peft:
+        raise WeightsError(f"The transformer carries LoRA layers ({peft[0]} ...), which the ComfyUI layout has no "
+                           "place for.", "Merge the LoRA into the weights (merge_and_unload) before exporting.")
+    try:
+        return {k: COMFY_PREFIX + o for k, o in wt.original_rename_map(keys).items()}
+    except ValueError as exc:
+        raise WeightsError(f"The transformer cannot be written in the original Wan layout: {exc}.",
+                           "Export a plain Wan2.2 TI2V transformer (with the ActAvatar adapter).") from None
+
+
+def _vae_renames(vae: Any) -> dict[str, str]:
+    from .convert import wan_vae as vae_conv
+
+    try:
+        return vae_conv.original22_rename_map(vae.state_dict())
+    except ValueError as exc:
+        raise WeightsError(f"The VAE cannot be written in the original Wan2.2 layout: {exc}.",
+                           "Export a Wan2.2 VAE (diffusers AutoencoderKLWan with is_residual=True).") from None
+
+
+def _transformer_file(transformer: Any, renames: dict[str, str], dtype: torch.dtype | None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from .convert import wan_transformer as wt
+    from .convert.settings import settings_metadata
+
+    state = transformer.state_dict()
+    tensors = {new: _cast(state[k], dtype) for k, new in renames.items()}
+    config = transformer.base_config() if hasattr(transformer, "base_config") else dict(transformer.config)
+    return tensors, {**settings_metadata(wt.MODEL_CLASS, config), "exported_by": EXPORTED_BY}
+
+
+def _vae_file(vae: Any, renames: dict[str, str], dtype: torch.dtype | None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from .convert import wan_vae as vae_conv
+    from .convert.settings import settings_metadata
+
+    state = vae.state_dict()
+    tensors = {new: _cast(state[k], dtype) for k, new in renames.items()}
+    return tensors, {**settings_metadata(vae_conv.MODEL_CLASS, dict(vae.config)), "exported_by": EXPORTED_BY}
+
+
+def _umt5_file(text_encoder: Any, spm: bytes, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from .convert import umt5 as umt5_conv
+    from .convert.settings import settings_metadata
+
+    state = text_encoder.state_dict()
+    if "shared.weight" not in state:
+        raise WeightsError("The text encoder has no 'shared.weight' embedding; it is not a umT5 encoder.",
+                           "Export a transformers UMT5EncoderModel.")
+    # ComfyUI's T5 has no tied encoder.embed_tokens copy; everything else keeps transformers' names.
+    tensors = {k: _cast(v, dtype) for k, v in state.items() if umt5_conv.model_key(k) == k}
+    tensors[umt5_conv.TOKENIZER_KEY] = torch.frombuffer(bytearray(spm), dtype=torch.uint8)
+    return tensors, {**settings_metadata(umt5_conv.MODEL_CLASS, text_encoder.config.to_dict()),
+                     "exported_by": EXPORTED_BY}
+
+
+def _wav2vec2_renames(audio_encoder: Any) -> dict[str, str]:
+    from .convert import wav2vec2 as w2v_conv
+
+    if getattr(audio_encoder.config, "add_adapter", False):
+        raise WeightsError("The audio encoder has a wav2vec2 adapter stack, which ComfyUI's layout has no place for.",
+                           "Export a plain Wav2Vec2Model.")
+    renames: dict[str, str] = {}
+    for k in audio_encoder.state_dict():
+        # ComfyUI stores the positional conv's weight norm with the parametrization names (older torch: weight_g/v).
+        new = k.replace("conv.weight_g", "conv.parametrizations.weight.original0")
+        new = new.replace("conv.weight_v", "conv.parametrizations.weight.original1")
+        if w2v_conv.model_key(new) != new:
+            raise WeightsError(f"The audio encoder has a tensor '{k}' that is not part of wav2vec2's encoder.",
+                               "Export a plain Wav2Vec2Model (no CTC or pre-training head).")
+        renames[k] = new
+    return renames
+
+
+def _wav2vec2_file(audio_encoder: Any, renames: dict[str, str], do_normalize: bool, dtype: torch.dtype | None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from .convert import wav2vec2 as w2v_conv
+    from .convert.settings import settings_metadata
+
+    state = audio_encoder.state_dict()
+    tensors = {new: _cast(state[k], dtype) for k, new in renames.items()}
+    meta = {**settings_metadata(w2v_conv.MODEL_CLASS, audio_encoder.config.to_dict()),
+            w2v_conv.DO_NORMALIZE_KEY: "true" if do_normalize else "false", "exported_by": EXPORTED_BY}
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------------------------------- export / load
+def export_comfyui_files(models: Any, folder: "str | os.PathLike[str]", *, name: str = "actavatar_mini",
+                         dtype: torch.dtype | None = torch.float16, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``models`` (an :class:`~actavatar_core.pipeline.ActAvatarModels`) as the five ComfyUI model files under
+    ``folder`` (a ComfyUI ``models/`` folder or any folder laid out like one). Returns {part: path}.
+
+    ``dtype``: what floating tensors are stored as (fp16 like ComfyUI's releases; None keeps each tensor's own,
+    which is what an exact round trip needs). Everything that can be refused (an existing file without
+    ``overwrite``, a missing SentencePiece model, a layout the files cannot hold) is refused before anything is
+    written.
+    """
+    from .model import ActAvatarTransformer, save_actavatar_weights
+
+    paths = export_paths(folder, name)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ActAvatarError(f"dtype {dtype} is not a floating dtype.", "Use torch.float16, torch.float32 or None.")
+    if not isinstance(models.transformer, ActAvatarTransformer):
+        raise WeightsError("The transformer is not an ActAvatarTransformer, so there are no ActAvatar weights to "
+                           "export.", "Export models loaded or trained by ActAvatar.")
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputPathError(f"{existing[0]} already exists{more}.",
+                              "Pick another --name or --out, or pass overwrite=True (--overwrite).")
+    spm = _spiece_bytes(models)
+    _check_tokenizer(spm, models.tokenizer)
+    do_normalize = bool((models.audio_config or {}).get("do_normalize", True))
+    # Every rename first (cheap, names only): a layout problem must not leave half an export behind.
+    transformer_renames = _transformer_renames(models.transformer)
+    vae_renames = _vae_renames(models.vae)
+    audio_renames = _wav2vec2_renames(models.audio_encoder)
+    writers = [
+        ("transformer", lambda: _transformer_file(models.transformer, transformer_renames, dtype)),
+        ("vae", lambda: _vae_file(models.vae, vae_renames, dtype)),
+        ("text_encoder", lambda: _umt5_file(models.text_encoder, spm, dtype)),
+        ("audio_encoder", lambda: _wav2vec2_file(models.audio_encoder, audio_renames, do_normalize, dtype)),
+    ]
+    for part, build in writers:
+        tensors, metadata = build()
+        _save_atomic(paths[part], tensors, metadata)
+        del tensors
+    save_actavatar_weights(models.transformer, paths["actavatar"], contents="adapter", dtype=dtype,
+                           extra_metadata={"exported_by": EXPORTED_BY})
+    return paths
+
+
+def load_comfyui_files(source: "dict[str, str | os.PathLike[str]] | str | os.PathLike[str]", *,
+                       name: str = "actavatar_mini", dtype: torch.dtype | None = None,
+                       device: "str | torch.device" = "cpu") -> Any:
+    """The :class:`~actavatar_core.pipeline.ActAvatarModels` of five exported files, loaded with the community-file
+    loaders (what the ComfyUI nodes do): ``source`` is the dict :func:`export_comfyui_files` returned, or the folder
+    it wrote into (with ``name``)."""
+    from . import loading
+    from .convert import umt5 as umt5_conv
+    from .convert.spm import spm_bytes_from_tensor
+    from .convert.source import TensorSource
+    from .model import build_from_weights
+    from .pipeline import ActAvatarModels
+
+    paths = {k: Path(v) for k, v in source.items()} if isinstance(source, dict) else export_paths(source, name)
+    base = loading.load_wan_transformer(paths["transformer"], dtype=dtype, device=device, require_ti2v=True)
+    transformer = build_from_weights(base, paths["actavatar"]).to(device).eval()
+    vae = loading.load_wan_vae(paths["vae"], dtype=dtype, device=device)
+    text_encoder, tokenizer = loading.load_umt5(paths["text_encoder"], dtype=dtype, device=device)
+    audio_encoder, audio_info = loading.load_wav2vec2(paths["audio_encoder"], dtype=dtype, device=device)
+    with TensorSource(paths["text_encoder"]) as src:
+        spm = spm_bytes_from_tensor(src.get(umt5_conv.TOKENIZER_KEY)) if umt5_conv.TOKENIZER_KEY in src else None
+    info: dict[str, Any] = {"name": Path(paths["actavatar"]).stem}
+    if spm:
+        info["spiece_model"] = spm
+    return ActAvatarModels(transformer, vae, text_encoder, tokenizer, audio_encoder,
+                           {"do_normalize": audio_info["do_normalize"]}, info)
+
+
+# ---------------------------------------------------------------------------------------------- command
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="actavatar export", description=(
+        "Write an ActAvatar model folder as the single files ComfyUI users put in models/: diffusion_models/, vae/, "
+        "text_encoders/, audio_encoders/ and actavatar/."))
+    p.add_argument("--model-dir", required=True, help="ActAvatar model folder (e.g. a training run's export)")
+    p.add_argument("--out", required=True, help="folder to write into (e.g. ComfyUI/models)")
+    p.add_argument("--name", default="actavatar_mini", help="file name stem (default: actavatar_mini)")
+    p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp16", help="stored precision (default fp16)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of the same name")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """``actavatar export``: argv[0] is the command name."""
+    args = _parser().parse_args(argv[1:])
+    try:
+        from .pipeline import load_model_folder
+
+        models = load_model_folder(args.model_dir)
+        paths = export_comfyui_files(models, args.out, name=args.name, dtype=EXPORT_DTYPES[args.dtype],
+                                     overwrite=args.overwrite)
+    except ActAvatarError as exc:
+        print(f"actavatar export: {exc}", file=sys.stderr)
+        return 2
+    for part, path in paths.items():
+        print(f"{part:<14} {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
