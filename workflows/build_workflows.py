@@ -33,7 +33,7 @@ DEMO_IMAGE = "actavatar_demo_reference.png"
 DEMO_AUDIO = "actavatar_demo_speech.wav"
 DEMO_SCRIPT = {
     "version": 1,
-    "base": "A person with a red shirt on a blue background talks",
+    "base": "A person with tan skin, a red shirt and long brown hair on a blue background talks",
     "negative": "",
     "phases": [{"start": 0.4, "end": 1.4, "text": "raises the left hand"},
                {"start": 1.6, "end": 2.8, "text": "waves the right hand"}],
