@@ -24,6 +24,7 @@ round trip before anything is written. Every file is written to a temporary name
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -310,6 +311,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="actavatar_mini", help="file name stem (default: actavatar_mini)")
     p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp16", help="stored precision (default fp16)")
     p.add_argument("--overwrite", action="store_true", help="replace files of the same name")
+    p.add_argument("--index", action="store_true",
+                   help="also write OUT/../actavatar_model.json so the folder above OUT loads as a model folder "
+                        "(--model-dir), with the source model's generation defaults (how the bundled mini model is made)")
     return p
 
 
@@ -327,4 +331,11 @@ def main(argv: list[str]) -> int:
         return 2
     for part, path in paths.items():
         print(f"{part:<14} {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.index:
+        out = Path(args.out).resolve()
+        info = {k: v for k, v in models.info.items() if k != "spiece_model"}
+        index = {"format": "actavatar-model", "version": 1, "layout": "comfyui-files", "files": out.name,
+                 "name": args.name, "audio_config": models.audio_config, "info": info}
+        (out.parent / "actavatar_model.json").write_text(json.dumps(index, indent=2) + "\n")
+        print(f"index          {out.parent / 'actavatar_model.json'}")
     return 0

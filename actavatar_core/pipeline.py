@@ -181,7 +181,8 @@ def save_model_folder(models: ActAvatarModels, folder: "str | os.PathLike", *, t
 
 
 def load_model_folder(folder: "str | os.PathLike", *, device: Any = "cpu", dtype: torch.dtype | None = None) -> ActAvatarModels:
-    """Load a folder written by :func:`save_model_folder` (all local files; nothing is downloaded)."""
+    """Load a folder written by :func:`save_model_folder`, or an index (``layout: comfyui-files``) over the five
+    single files of :func:`~actavatar_core.export.export_comfyui_files`. All local files; nothing is downloaded."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel, Wav2Vec2Model
 
@@ -194,6 +195,12 @@ def load_model_folder(folder: "str | os.PathLike", *, device: Any = "cpu", dtype
         raise WeightsError(f"'{folder}' is not an ActAvatar model folder (no {MODEL_INDEX}).",
                            "Point --model-dir at a folder written by ActAvatar (e.g. the bundled mini model).")
     index = json.loads(index_path.read_text())
+    if index.get("layout") == "comfyui-files":  # the five single files ComfyUI users keep (the bundled mini model)
+        from .export import load_comfyui_files
+
+        models = load_comfyui_files(folder / index.get("files", "comfyui"), name=index["name"], dtype=dtype, device=device)
+        models.info.update(index.get("info", {}))
+        return models
     base = WanTransformer3DModel.from_pretrained(folder / "transformer", local_files_only=True, torch_dtype=dtype)
     transformer = build_from_weights(base, folder / "actavatar.safetensors").to(device).eval()
     vae = AutoencoderKLWan.from_pretrained(folder / "vae", local_files_only=True).to(device).eval()
