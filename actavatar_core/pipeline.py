@@ -75,7 +75,7 @@ def prepare(models: ActAvatarModels, request: GenerationRequest) -> PreparedInpu
     """Validate every input (before any heavy work) and encode prompt, audio and reference image."""
     script = PhaseScript.parse(request.phases)
     script.validate(duration=None, fps=request.fps)  # structure first: fail before any model runs
-    check_size(request.width, request.height)
+    check_size(request.width, request.height, size_step(models))
     image = load_image(request.image)
     request.options.check()
     audio = encode_audio(models.audio_encoder, request.audio, fps=request.fps, num_frames=request.num_frames,
@@ -92,6 +92,11 @@ def prepare(models: ActAvatarModels, request: GenerationRequest) -> PreparedInpu
     first_latent = encode_reference(models.vae, image, request.width, request.height)
     return PreparedInputs(script, prompt, negative, audio, first_latent, audio.num_frames,
                           latent_frame_count(audio.num_frames))
+
+
+def size_step(models: ActAvatarModels) -> int:
+    """Pixels per transformer token side: VAE spatial stride x patch (32 for Wan2.2-5B: 16 x 2; the mini: 8 x 4)."""
+    return int(models.vae.config.scale_factor_spatial) * int(models.transformer.config.patch_size[1])
 
 
 def conditioning(prepared: PreparedInputs, fps: float, feather: float = 0.0) -> Conditioning:

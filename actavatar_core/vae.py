@@ -69,7 +69,7 @@ def encode_video(vae: Any, video: torch.Tensor) -> torch.Tensor:
 
 def encode_reference(vae: Any, image: np.ndarray, width: int, height: int) -> torch.Tensor:
     """The reference image, fitted to (height, width), as the clean first latent frame (1, C, 1, h, w)."""
-    check_size(width, height)
+    check_size(width, height, min(SIZE_STEP, int(vae.config.scale_factor_spatial)))
     return encode_video(vae, image_to_tensor(fit_image(image, width, height)))
 
 

@@ -10,7 +10,7 @@ from actavatar_core.training.data import CachedClips, read_annotations
 from actavatar_core.training.recipe import build_models, run_training
 from actavatar_core.training.trainer import StageRunner, load_checkpoint
 
-SMALL = {"transformer": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "freq_dim": 32},
+SMALL = {"transformer": {"patch_size": [1, 2, 2], "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "freq_dim": 32},
          "vae": {"base_dim": 8, "decoder_base_dim": 8}, "text_encoder": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64},
          "audio_encoder": {"hidden_size": 32, "conv_dim": [16] * 7, "num_attention_heads": 2, "intermediate_size": 64,
                            "num_conv_pos_embedding_groups": 2}, "adapter": {"audio_hidden_dim": 32}}
@@ -41,7 +41,7 @@ def test_annotations_and_cache(tmp_path, dataset):
     run_training(cfg, progress=False, log=lambda m: None)
     clips = CachedClips(cfg.cache_dir)
     item = clips[0]
-    assert item["latents"].shape == (48, 7, 4, 4) and item["audio"].shape[:2] == (7, 8)
+    assert item["latents"].shape == (48, 7, 8, 8) and item["audio"].shape[:2] == (7, 8)  # 64 px / VAE stride 8
     assert item["ids_phased"].max() >= 1 and item["text_phased"].shape[0] == item["ids_phased"].shape[0]
     assert item["text_caption"].shape[0] < item["text_phased"].shape[0]
     index = json.loads((cfg.cache_dir / "index.json").read_text())
