@@ -61,7 +61,7 @@ def test_loss_goes_down(tmp_path, dataset):
 
 
 def test_stages_train_what_the_paper_says(tmp_path, dataset):
-    cfg = _cfg(tmp_path, dataset)
+    cfg = _cfg(tmp_path, dataset, validate_every=4, validate_steps=2)
     result = run_training(cfg, progress=False, log=lambda m: None)
     stages = result["report"]["stages"]
     model = result["models"].transformer
@@ -71,6 +71,10 @@ def test_stages_train_what_the_paper_says(tmp_path, dataset):
     assert stages["stage2"]["trainable_parameters"] == total  # stage 2: everything (full fine-tune)
     assert stages["stage0"]["trainable_parameters"] == total - adapter - model.phase_embedding.weight.numel()
     assert (tmp_path / "run" / "stage2" / "final.safetensors").is_file()
+    from actavatar_core.video import probe_video
+
+    sample = probe_video(tmp_path / "run" / "samples" / "stage2_000004.mp4")  # periodic validation sample
+    assert sample["frames"] == 25 and sample["width"] == 64 and "audio_codec" in sample
     assert not (tmp_path / "run" / "stage2" / "checkpoint.pt").exists()
 
 
@@ -81,31 +85,35 @@ class Killed(Exception):
 def test_checkpoint_resumes_to_the_same_state(tmp_path, dataset):
     def fresh(run):
         cfg = _cfg(tmp_path / run, dataset, stages=["stage2"], stage2={"steps": 6, "lr": 1e-3, "prompt": "phased"},
-                   checkpoint_every=3)
+                   checkpoint_every=3, validate_every=2, validate_steps=1)  # validation must not disturb resuming
         anns = read_annotations(dataset)
         models, transformer = build_models(cfg, anns, log=lambda m: None)
         from actavatar_core.training.data import preprocess
         cache = preprocess(anns, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                            audio_encoder=models.audio_encoder, audio_config=models.audio_config, text_len=cfg.text_len,
                            window=transformer.config.audio_window, progress=False)
-        return cfg, transformer, CachedClips(cache)
+        from actavatar_core.training.recipe import make_validator
 
-    cfg, model, data = fresh("straight")
-    straight = StageRunner(cfg, "stage2", model, data, progress=False, log=lambda m: None)
+        return cfg, transformer, CachedClips(cache), make_validator(cfg, models, anns[0])
+
+    cfg, model, data, validator = fresh("straight")
+    straight = StageRunner(cfg, "stage2", model, data, progress=False, log=lambda m: None, validator=validator)
     straight.run()
     expected = {k: v.clone() for k, v in straight.model.state_dict().items()}
 
-    cfg, model, data = fresh("killed")
+    cfg, model, data, validator = fresh("killed")
 
     def kill(step):
         raise Killed()
 
     with pytest.raises(Killed):
-        StageRunner(cfg, "stage2", model, data, progress=False, log=lambda m: None, on_checkpoint=kill).run()
+        StageRunner(cfg, "stage2", model, data, progress=False, log=lambda m: None, on_checkpoint=kill,
+                    validator=validator).run()
     ckpt = load_checkpoint(tmp_path / "killed" / "run" / "stage2" / "checkpoint.pt")  # weights_only=True
     assert ckpt["step"] == 3
-    cfg, model, data = fresh("killed")  # a new process: fresh model, same config
-    resumed = StageRunner(cfg, "stage2", model, data, progress=False, log=lambda m: None)
+    cfg, model, data, validator = fresh("killed")  # a new process: fresh model, same config
+    resumed = StageRunner(cfg, "stage2", model, data, progress=False, log=lambda m: None, validator=validator)
     resumed.run()
     for k, v in resumed.model.state_dict().items():
         assert torch.equal(v, expected[k]), k
+    assert (tmp_path / "killed" / "run" / "samples" / "stage2_000006.mp4").is_file()

@@ -23,7 +23,7 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
       "batch_size": 4, "grad_accum": 1, "weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_steps": 50,
       "shift": 5.0, "caption_dropout": 0.1, "audio_dropout": 0.1,
       "gradient_checkpointing": false, "mixed_precision": "auto",
-      "checkpoint_every": 200, "validate_every": 0, "log_every": 10,
+      "checkpoint_every": 200, "validate_every": 0, "validate_steps": 10,
       "audio_schedule": "progressive", "audio_gamma": 1.5,
       "paca_mode": "learned"
     }
@@ -80,7 +80,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     checkpoint_every: int = 200
     validate_every: int = 0
-    log_every: int = 10
+    validate_steps: int = 10
     audio_schedule: str = "progressive"
     audio_gamma: float = 1.5
     paca_mode: str = "learned"

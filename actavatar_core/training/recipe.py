@@ -243,11 +243,13 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
     report["preprocess_seconds"] = round(time.time() - t0, 1)
     dataset = CachedClips(cache)
     previous = None
+    validator = make_validator(cfg, models, annotations[0])
     for stage in [s for s in cfg.stages if s != "vae"]:
         if previous is not None:
             load_stage_weights(transformer, out / previous)
         runner = StageRunner(cfg, stage, transformer, dataset, log=log, progress=progress,
-                             on_checkpoint=(lambda step, s=stage: on_checkpoint(s, step)) if on_checkpoint else None)
+                             on_checkpoint=(lambda step, s=stage: on_checkpoint(s, step)) if on_checkpoint else None,
+                             validator=validator)
         report["stages"][stage] = runner.run()
         transformer = runner.model
         previous = stage
@@ -257,6 +259,36 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
     report["seconds"] = round(time.time() - started, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return {"report": report, "models": models}
+
+
+def make_validator(cfg: TrainConfig, models: ActAvatarModels, ann: Annotation) -> Callable[[str, int, Any], Path] | None:
+    """Periodic validation samples: the first clip of the dataset generated from its first frame, audio and script
+    with the weights of the moment, written to ``output_dir/samples/<stage>_<step>.mp4``. Sampling draws its noise
+    from its own seeded generator, so validation does not disturb training's random streams (exact resume holds)."""
+    if not cfg.validate_every:
+        return None
+    from ..pipeline import ActAvatarPipeline, GenerationRequest
+    from ..sampling import SamplingOptions
+    from ..video import read_video
+
+    frames, _, audio, rate = read_video(ann.video)
+    samples = Path(cfg.output_dir) / "samples"
+
+    def validate(stage: str, step: int, transformer: Any) -> Path:
+        phased = cfg.stage_config(stage).prompt == "phased"
+        request = GenerationRequest(
+            image=frames[0], audio={"waveform": audio[None], "sample_rate": rate}, phases=ann.script,
+            width=frames.shape[2], height=frames.shape[1], fps=ann.fps, num_frames=ann.num_frames, negative="",
+            phased_prompt=phased, options=SamplingOptions(steps=cfg.validate_steps, text_cfg=3.0, audio_cfg=2.0,
+                                                          shift=cfg.shift, seed=0,
+                                                          paca_mode=cfg.paca_mode if phased else "global"))
+        bundle = ActAvatarModels(transformer, models.vae, models.text_encoder, models.tokenizer, models.audio_encoder,
+                                 models.audio_config, models.info)
+        with torch.no_grad():
+            return ActAvatarPipeline(bundle).generate_to_file(request, samples / f"{stage}_{step:06d}.mp4",
+                                                              overwrite=True).path
+
+    return validate
 
 
 def load_stage_weights(transformer: Any, stage_dir: Path) -> None:

@@ -100,8 +100,10 @@ class StageRunner:
 
     def __init__(self, cfg: TrainConfig, stage: str, model: Any, dataset: CachedClips, *,
                  log: Callable[[str], None] = print, progress: bool = True,
-                 on_checkpoint: Callable[[int], None] | None = None):
+                 on_checkpoint: Callable[[int], None] | None = None,
+                 validator: Callable[[str, int, Any], Any] | None = None):
         self.cfg, self.stage, self.model, self.dataset = cfg, stage, model, dataset
+        self.validator = validator
         self.scfg = cfg.stage_config(stage)
         self.log, self.progress, self.on_checkpoint = log, progress, on_checkpoint
         self.dir = Path(cfg.output_dir) / stage
@@ -196,6 +198,12 @@ class StageRunner:
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if self.validator and cfg.validate_every and step % cfg.validate_every == 0 and acc.is_main_process:
+                unwrapped = acc.unwrap_model(model)
+                unwrapped.eval()
+                path = self.validator(self.stage, step, unwrapped)
+                unwrapped.train()
+                bar.write(f"{self.stage} step {step}: validation sample {path}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < scfg.steps and acc.is_main_process:
                 save_checkpoint(self.ckpt, model=acc.unwrap_model(model), trainable=trainable, optimizer=optimizer,
                                 scheduler=scheduler, step=step, epoch=epoch, position=position, generator=generator)
