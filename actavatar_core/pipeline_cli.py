@@ -109,7 +109,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
         seed=args.seed, paca_mode=pick(args.paca_mode, "paca_mode", "routed"), feather=args.feather)
     request = GenerationRequest(image=image, audio=audio, phases=phases, width=pick(args.width, "width", 704),
                                 height=pick(args.height, "height", 1280), fps=pick(args.fps, "fps", DEFAULT_FPS),
-                                num_frames=args.frames, negative=args.negative, options=options)
+                                num_frames=args.frames, negative=pick(args.negative, "negative", None), options=options)
     bar = tqdm(total=options.steps, desc="sampling", unit="step", disable=rank != 0)
 
     def on_step(info: Any) -> None:
