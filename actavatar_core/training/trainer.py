@@ -146,7 +146,7 @@ class StageRunner:
         acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp, cpu=not use_cuda)
         model = self.model
         if scfg.train == "lora" and self.stage == "stage2":
-            from .lora import add_lora
+            from ..lora import add_lora
 
             add_lora(model, scfg.lora_rank)
         trainable = select_trainable(model, self.stage, scfg.train)
@@ -222,7 +222,7 @@ class StageRunner:
             self.dir.mkdir(parents=True, exist_ok=True)
             lora_state, lora_cfg = None, None
             if scfg.train == "lora" and self.stage == "stage2":
-                from .lora import lora_state_dict
+                from ..lora import lora_state_dict
 
                 lora_state, lora_cfg = lora_state_dict(unwrapped), {"rank": scfg.lora_rank}
             save_actavatar_weights(unwrapped, self.dir / "final.safetensors",
