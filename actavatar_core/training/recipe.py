@@ -51,15 +51,25 @@ def prompt_corpus(annotations: list[Annotation]) -> list[str]:
 
 
 def train_sentencepiece(corpus: list[str], vocab_size: int = 320) -> bytes:
-    """A small Unigram SentencePiece model with umT5's special ids (pad 0, eos 1, bos 2, unk 3)."""
+    """A small SentencePiece model with umT5's special ids (pad 0, eos 1, bos 2, unk 3) and umT5's model type,
+    Unigram. SentencePiece's Unigram trainer stops at ~100 pieces on a corpus this repetitive (most of them single
+    letters), so the pieces are learned with its BPE trainer and stored as a Unigram model with equal scores:
+    segmentation then takes the fewest pieces, whole words where the vocabulary has them."""
     import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=vocab_size,
-                                   model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2,
+                                   model_type="bpe", character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2,
                                    unk_id=3, hard_vocab_limit=False, split_digits=True, num_threads=1,
                                    minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
-    return buf.getvalue()
+    proto = pb.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    proto.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    for piece in proto.pieces:
+        if piece.type == pb.ModelProto.SentencePiece.NORMAL:
+            piece.score = -1.0
+    return proto.SerializeToString()
 
 
 # ---------------------------------------------------------------------------------------------- models
