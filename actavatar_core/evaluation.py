@@ -118,7 +118,7 @@ def ablation_configs(base_run: Path, dataset: Path, out: Path, stage1_steps: int
     configs = {}
     for name, v in variants.items():
         cfg = {**common, **v, "name": f"ablation-{name}", "output_dir": str(out / name),
-               "data": {"dataset": str(dataset), "cache": str(out / name / "cache")}}
+               "data": {"dataset": str(dataset), "cache": str(base_run / "cache")}}  # same encoders: reuse the cache
         cfg["stage0"] = {"steps": 0, "prompt": "global"}
         configs[name] = cfg
     return configs
