@@ -16,17 +16,18 @@ from ..pipeline import ActAvatarModels
 from .config import TrainConfig
 from .data import Annotation, global_prompt, preprocess, read_annotations, CachedClips
 
-#: Small configurations of the real classes for the mini model (trained from scratch on this CPU).
-MINI_TRANSFORMER = dict(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=48,
-                        out_channels=48, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=6, cross_attn_norm=True,
+#: Small configurations of the real classes for the mini model (trained from scratch on this CPU). The geometry is
+#: Wan2.2-TI2V-5B's: a four-stage Wan2.2 VAE (48 latent channels, stride 16 x 16 x 4) and 2x2 patches, so one token
+#: stands for 32x32 pixels and carries 48 x 2 x 2 = 192 latent values. The width must exceed those 192 values: the
+#: velocity a flow model predicts includes the noise, and a narrower token cannot pass it through (a 128-wide try
+#: with 768 values per token left noise in every frame).
+MINI_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=48,
+                        out_channels=48, text_dim=64, freq_dim=64, ffn_dim=768, num_layers=4, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 MINI_ADAPTER = dict(audio_window=8, audio_tokens=4, audio_hidden_dim=128, max_phases=8)
-#: The mini VAE is the Wan2.2 VAE class with three stages instead of four: spatial stride 8 (not 16), temporal stride
-#: 4 as in Wan2.2. The transformer's 4x4 patches make one token per 32x32 pixels, the same grid as Wan2.2-5B's
-#: 16 x 2x2; less spatial compression is what lets a VAE this small learn sharp frames in minutes on a CPU.
-MINI_VAE = dict(base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 2], num_res_blocks=1, is_residual=True,
-                in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=8,
-                temperal_downsample=[True, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+MINI_VAE = dict(base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1, is_residual=True,
+                in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                temperal_downsample=[False, True, True], latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
 MINI_UMT5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
                  relative_attention_max_distance=64, feed_forward_proj="gated-gelu", dropout_rate=0.0)
 MINI_WAV2VEC2 = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
