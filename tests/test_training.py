@@ -41,7 +41,7 @@ def test_annotations_and_cache(tmp_path, dataset):
     run_training(cfg, progress=False, log=lambda m: None)
     clips = CachedClips(cfg.cache_dir)
     item = clips[0]
-    assert item["latents"].shape == (48, 7, 8, 8) and item["audio"].shape[:2] == (7, 8)  # 64 px / VAE stride 8
+    assert item["latents"].shape == (48, 7, 4, 4) and item["audio"].shape[:2] == (7, 8)  # 64 px / VAE stride 16
     assert item["ids_phased"].max() >= 1 and item["text_phased"].shape[0] == item["ids_phased"].shape[0]
     assert item["text_caption"].shape[0] < item["text_phased"].shape[0]
     index = json.loads((cfg.cache_dir / "index.json").read_text())
