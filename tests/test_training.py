@@ -145,3 +145,24 @@ def test_stage2_lora_trains_adapters_and_reloads(tmp_path, dataset):
         a = model.eval()(x, ts, ctx, paca_mode="learned").sample
         b = reloaded(x, ts, ctx, paca_mode="learned").sample
     torch.testing.assert_close(a, b)
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    from actavatar_core.training.trainer import lr_factor
+
+    cosine, constant = lr_factor(10, 110, "cosine"), lr_factor(10, 110, "constant")
+    assert cosine(0) == pytest.approx(1 / 11) and constant(0) == pytest.approx(1 / 11)
+    assert cosine(10) == pytest.approx(1.0) and constant(109) == 1.0
+    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
+    values = [cosine(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError, match="cosine"):
+        lr_factor(10, 110, "linear")
+
+
+def test_config_rejects_unknown_schedule(tmp_path):
+    from actavatar_core.training.config import config_from_dict
+
+    with pytest.raises(ValueError, match="stage2.schedule"):
+        config_from_dict({"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)},
+                          "stage2": {"steps": 2, "schedule": "step"}})

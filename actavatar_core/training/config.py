@@ -19,7 +19,8 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
       "vae":    {"steps": 1500, "lr": 1e-3, "batch_size": 4, "frames": 9},
       "stage0": {"steps": 2000, "lr": 5e-4, "prompt": "global"},   # backbone pretraining (mini only; Wan is pretrained)
       "stage1": {"steps": 1000, "lr": 5e-4, "prompt": "caption"},  # paper stage 1: audio adapter only, brief captions
-      "stage2": {"steps": 2000, "lr": 2e-4, "prompt": "phased", "train": "full" | "lora", "lora_rank": 16},
+      "stage2": {"steps": 2000, "lr": 2e-4, "prompt": "phased", "train": "full" | "lora", "lora_rank": 16,
+                 "schedule": "constant" | "cosine"},               # lr after warmup (cosine: down to 10 %)
       "batch_size": 4, "grad_accum": 1, "weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_steps": 50,
       "shift": 5.0, "caption_dropout": 0.1, "audio_dropout": 0.1,
       "gradient_checkpointing": false, "mixed_precision": "auto",
@@ -53,6 +54,7 @@ class StageConfig:
     batch_size: int | None = None  # None: the top-level batch size
     frames: int = 9  # vae stage: frames per training clip
     crop: int | None = None  # vae stage: square crop size in pixels (None: whole frames)
+    schedule: str = "constant"  # learning rate after warmup: constant, or cosine decay to 10 % at the last step
 
 
 @dataclass
@@ -128,6 +130,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
             cfg = StageConfig(**values)
             if cfg.prompt not in PROMPTS:
                 raise ValueError(f"{name}.prompt must be one of {PROMPTS}")
+            if cfg.schedule not in ("constant", "cosine"):
+                raise ValueError(f"{name}.schedule must be 'constant' or 'cosine', not {cfg.schedule!r}")
             stage_cfgs[name] = cfg
     models = raw.pop("models", {"init": "mini-scratch"})
     for key in ("folder",):

@@ -17,6 +17,7 @@ continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -95,6 +96,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def lr_factor(warmup: int, steps: int, schedule: str = "constant") -> Callable[[int], float]:
+    """Linear warmup, then constant or cosine decay to 10 % at the last step (a decayed run ends on sharper weights)."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr schedule {schedule!r}: use 'constant' or 'cosine'")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class StageRunner:
     """One training stage of the transformer (stage0, stage1 or stage2)."""
 
@@ -156,7 +173,7 @@ class StageRunner:
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
         warmup = max(0, cfg.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(warmup, scfg.steps, scfg.schedule))
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + {"stage0": 0, "stage1": 1, "stage2": 2}[self.stage])
         step, epoch, position = 0, 0, 0
         if self.ckpt.is_file():
