@@ -166,3 +166,22 @@ def test_config_rejects_unknown_schedule(tmp_path):
     with pytest.raises(ValueError, match="stage2.schedule"):
         config_from_dict({"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)},
                           "stage2": {"steps": 2, "schedule": "step"}})
+
+
+def test_cache_fingerprint_ignores_thread_count_but_sees_any_weight_change():
+    from actavatar_core.training.data import fingerprint
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(512, 512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fingerprint(net, extra={"n": 1})
+        torch.set_num_threads(max(2, threads))
+        assert fingerprint(net, extra={"n": 1}) == one
+    finally:
+        torch.set_num_threads(threads)
+    assert fingerprint(net, extra={"n": 2}) != one
+    with torch.no_grad():
+        net.weight[3, 7] = torch.nextafter(net.weight[3, 7], torch.tensor(1.0))
+    assert fingerprint(net, extra={"n": 1}) != one

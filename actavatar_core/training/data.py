@@ -73,14 +73,14 @@ def global_prompt(script: PhaseScript) -> str:
 
 
 def fingerprint(*modules: Any, extra: Any = None) -> str:
-    """A cheap identity of the frozen encoders (a checksum of every weight, with its name and shape) for cache
-    validity. Configs are left out: a model saved and reloaded is the same model."""
-    h = hashlib.sha256()
+    """The identity of the frozen encoders (a hash of every weight's bytes, name and dtype) for cache validity.
+    Bytes, not sums: a float sum depends on the thread count, and a cache must not look stale to a run that
+    merely uses fewer threads. Configs are left out: a model saved and reloaded is the same model."""
+    h = hashlib.blake2b(digest_size=16)
     for m in modules:
         for name, p in sorted(m.state_dict().items()):
-            h.update(str(tuple(p.shape)).encode())
-            h.update(name.encode())
-            h.update(f"{float(p.float().sum()):.6e}|{float(p.float().abs().sum()):.6e}".encode())
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
@@ -134,6 +134,7 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
         if index.get("fingerprint") == fp and index.get("complete"):
             return cache
         if index.get("fingerprint") != fp:
+            print(f"preprocess: {cache} was made with other encoders or clips; rebuilding it", flush=True)
             for old in cache.glob("shard_*.safetensors"):
                 old.unlink()
     empty = encode_empty(text_encoder, tokenizer, text_len)
