@@ -185,3 +185,14 @@ def test_cache_fingerprint_ignores_thread_count_but_sees_any_weight_change():
     with torch.no_grad():
         net.weight[3, 7] = torch.nextafter(net.weight[3, 7], torch.tensor(1.0))
     assert fingerprint(net, extra={"n": 1}) != one
+
+
+def test_generation_defaults_of_the_config_go_into_the_exported_model(tmp_path):
+    from actavatar_core.training.cli import _defaults
+
+    raw = {"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)}, "shift": 3.0,
+           "generation": {"text_cfg": 4.5, "paca_mode": "routed"}}
+    defaults = _defaults(config_from_dict(dict(raw)))
+    assert defaults["text_cfg"] == 4.5 and defaults["paca_mode"] == "routed" and defaults["shift"] == 3.0
+    with pytest.raises(ValueError, match="cfg_scale"):
+        config_from_dict({**raw, "generation": {"cfg_scale": 2}})

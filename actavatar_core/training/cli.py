@@ -38,4 +38,4 @@ def _defaults(cfg) -> dict:
     synth = cfg.synth or {}
     size = int(synth.get("size", 128))
     return {"width": size, "height": size, "fps": float(synth.get("fps", 25.0)), "steps": 20, "text_cfg": 3.0,
-            "audio_cfg": 2.0, "shift": cfg.shift, "paca_mode": cfg.paca_mode, "negative": ""}
+            "audio_cfg": 2.0, "shift": cfg.shift, "paca_mode": cfg.paca_mode, "negative": "", **cfg.generation}

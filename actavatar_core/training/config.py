@@ -26,7 +26,8 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
       "gradient_checkpointing": false, "mixed_precision": "auto",
       "checkpoint_every": 200, "validate_every": 0, "validate_steps": 10,
       "audio_schedule": "progressive", "audio_gamma": 1.5,
-      "paca_mode": "learned"
+      "paca_mode": "learned",
+      "generation": {"steps": 20, "text_cfg": 3.0, "audio_cfg": 2.0}   # defaults stored in the exported model
     }
 
 Paper values for a full-size run: stage1 20K steps and stage2 14K steps, batch 40, lr 5e-6, AdamW.
@@ -42,6 +43,7 @@ from typing import Any
 
 STAGES = ("vae", "stage0", "stage1", "stage2")
 PROMPTS = ("caption", "global", "phased")
+GENERATION_KEYS = {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "shift", "paca_mode", "negative", "sampler"}
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TrainConfig:
     audio_gamma: float = 1.5
     paca_mode: str = "learned"
     num_workers: int = 0
+    generation: dict[str, Any] = field(default_factory=dict)  # sampling defaults written into the exported model
 
     @property
     def cache_dir(self) -> Path:
@@ -144,6 +147,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
     if extra:
         raise ValueError(f"unknown config key(s): {', '.join(extra)}")
     raw["output_dir"] = rel(raw["output_dir"])
+    bad = sorted(set(raw.get("generation", {})) - GENERATION_KEYS)
+    if bad:
+        raise ValueError(f"unknown generation default(s) {bad}; allowed: {sorted(GENERATION_KEYS)}")
     return TrainConfig(dataset=rel(data["dataset"]), synth=data.get("synth"), cache=rel(data.get("cache")),
                        shard_size=int(data.get("shard_size", 64)), models=models, stages=stages, stage=stage_cfgs,
                        **raw)
