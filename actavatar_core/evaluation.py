@@ -133,7 +133,8 @@ def seed_variant_from_base(base_run: Path, variant_dir: Path) -> None:
 
 
 def run_ablation(base_run: Path, dataset: Path, test_set: Path, out: Path, *, stage1_steps: int, stage2_steps: int,
-                 clips: int, steps: int, text_cfg: float, audio_cfg: float, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 clips: int, steps: int, text_cfg: float, audio_cfg: float, shift: float = 5.0,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
     from .training.config import config_from_dict
     from .training.recipe import run_training
 
@@ -147,7 +148,7 @@ def run_ablation(base_run: Path, dataset: Path, test_set: Path, out: Path, *, st
     rows = {}
     for row, variant, mode, phased in ABLATION_ROWS:
         rows.update(evaluate_model(trained[variant], test_set, modes=[(row, mode, phased)], clips=clips, steps=steps,
-                                   text_cfg=text_cfg, audio_cfg=audio_cfg, log=log))
+                                   text_cfg=text_cfg, audio_cfg=audio_cfg, shift=shift, log=log))
     return {"rows": rows, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps}
 
 
@@ -181,6 +182,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ablation-out", default="runs/ablation")
     p.add_argument("--stage1-steps", type=int, default=300)
     p.add_argument("--stage2-steps", type=int, default=600)
+    p.add_argument("--ablation-sample-steps", type=int, default=None,
+                   help="sampling steps for the ablation rows (default: --steps); fewer keeps a CPU run short")
     p.add_argument("--json", default=None, help="write the figures as JSON")
     p.add_argument("--save-samples", default=None, help="write a few generated clips per row here")
     args = p.parse_args(argv[1:])
@@ -196,27 +199,30 @@ def main(argv: list[str]) -> int:
     d = models.info.get("defaults", {})
     steps = args.steps or int(d.get("steps", 20))
     text_cfg, audio_cfg = float(d.get("text_cfg", 3.0)), float(d.get("audio_cfg", 2.0))
+    shift = float(d.get("shift", 5.0))
     save = Path(args.save_samples) if args.save_samples else None
     if save:
         save.mkdir(parents=True, exist_ok=True)
     label = models.info.get("name", "model")
     modes = [(f"{label}, PACA {m}", m, True) for m in args.modes.split(",") if m]
     result: dict[str, Any] = {"model": label, "test_set": str(test_set), "clips": args.clips, "steps": steps,
-                              "text_cfg": text_cfg, "audio_cfg": audio_cfg}
+                              "text_cfg": text_cfg, "audio_cfg": audio_cfg, "shift": shift}
     result["model_rows"] = evaluate_model(models, test_set, modes=modes, clips=args.clips, steps=steps,
-                                          text_cfg=text_cfg, audio_cfg=audio_cfg, save_dir=save)
+                                          text_cfg=text_cfg, audio_cfg=audio_cfg, shift=shift, save_dir=save)
     print(format_table(result["model_rows"], f"Model on {args.clips} held-out synthetic clips ({steps} steps)"))
     if args.ablation:
         base_run = Path(args.ablation)
         base_cfg = json.loads((base_run / "config.json").read_text())
         dataset = Path(args.ablation_dataset or base_cfg["dataset"])
+        abl_steps = args.ablation_sample_steps or steps
         abl = run_ablation(base_run, dataset, test_set, Path(args.ablation_out), stage1_steps=args.stage1_steps,
-                           stage2_steps=args.stage2_steps, clips=args.clips, steps=steps, text_cfg=text_cfg,
-                           audio_cfg=audio_cfg)
+                           stage2_steps=args.stage2_steps, clips=args.clips, steps=abl_steps, text_cfg=text_cfg,
+                           audio_cfg=audio_cfg, shift=shift)
         result["ablation"] = abl
         print()
         print(format_table(abl["rows"], f"Ablation (mini scale: shared stage-0 backbone, stage 1 {args.stage1_steps} "
-                                        f"steps, stage 2 {args.stage2_steps} steps; fewer than the shipped model)"))
+                                        f"steps, stage 2 {args.stage2_steps} steps, fewer than the shipped model; "
+                                        f"{abl_steps} sampling steps)"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default))
