@@ -107,8 +107,9 @@ def ablation_configs(base_run: Path, dataset: Path, out: Path, stage1_steps: int
     common = {k: base[k] for k in ("text_len", "batch_size", "grad_accum", "weight_decay", "max_grad_norm", "warmup_steps",
                                    "shift", "caption_dropout", "audio_dropout", "seed") if k in base}
     common["models"] = base.get("models", {"init": "mini-scratch"})
-    s1 = {"steps": stage1_steps, "lr": base["stage"].get("stage1", {}).get("lr", 5e-4), "prompt": "caption"}
-    s2 = {"steps": stage2_steps, "lr": base["stage"].get("stage2", {}).get("lr", 2e-4), "prompt": "phased"}
+    b1, b2 = base["stage"].get("stage1", {}), base["stage"].get("stage2", {})
+    s1 = {"steps": stage1_steps, "lr": b1.get("lr", 5e-4), "prompt": "caption", "schedule": b1.get("schedule", "constant")}
+    s2 = {"steps": stage2_steps, "lr": b2.get("lr", 2e-4), "prompt": "phased", "schedule": b2.get("schedule", "constant")}
     variants = {
         "global": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": {**s2, "prompt": "global"}},
         "paca": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": s2},

@@ -14,7 +14,7 @@ def test_ablation_variants_differ_only_where_the_paper_table_says(tmp_path):
     base.mkdir()
     (base / "config.json").write_text(json.dumps({
         "text_len": 64, "batch_size": 2, "shift": 3.0, "seed": 0, "models": {"init": "mini-scratch"},
-        "stage": {"stage1": {"lr": 5e-4}, "stage2": {"lr": 3e-4}}}))
+        "stage": {"stage1": {"lr": 5e-4}, "stage2": {"lr": 3e-4, "schedule": "cosine"}}}))
     cfgs = evaluation.ablation_configs(base, tmp_path / "data", tmp_path / "out", 30, 60)
     assert set(cfgs) == {"global", "paca", "uniform", "onestage"}
     assert cfgs["global"]["stage2"]["prompt"] == "global" and cfgs["paca"]["stage2"]["prompt"] == "phased"
@@ -22,6 +22,7 @@ def test_ablation_variants_differ_only_where_the_paper_table_says(tmp_path):
     assert cfgs["onestage"]["stages"] == ["stage0", "stage2"] and cfgs["onestage"]["stage2"]["steps"] == 90
     assert all(c["data"]["cache"] == str(base / "cache") and c["shift"] == 3.0 for c in cfgs.values())
     assert cfgs["paca"]["stage2"]["lr"] == 3e-4 and cfgs["paca"]["stage1"]["steps"] == 30
+    assert cfgs["paca"]["stage2"]["schedule"] == "cosine" and cfgs["paca"]["stage1"]["schedule"] == "constant"
 
 
 def test_table_shows_missing_figures_as_na():
