@@ -163,3 +163,13 @@ def test_demo_script_fits_the_demo_speech(tmp_path):
     audio = {"waveform": wave.samples[None, None], "sample_rate": wave.sample_rate}
     prompt = glue.make_phase_prompt(script, 0.0, api["7"]["inputs"]["fps"], audio)
     assert len(prompt.script.phases) == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampler_uses_the_bundled_model_defaults(name):
+    """A shipped workflow loaded as-is samples with the mini model's tuned settings (as `actavatar demo` does)."""
+    defaults = json.loads((ROOT / "actavatar_core" / "weights" / "mini" / "actavatar_model.json").read_text())["info"]["defaults"]
+    _, api = load(name)
+    sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "ActAvatarSampler")
+    for key in ("width", "height", "steps", "text_cfg", "audio_cfg", "shift", "paca_mode"):
+        assert sampler[key] == defaults[key], key

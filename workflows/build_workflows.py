@@ -39,6 +39,18 @@ DEMO_SCRIPT = {
                {"start": 1.6, "end": 2.8, "text": "waves the right hand"}],
 }
 
+MINI_MODEL_JSON = ROOT / "actavatar_core" / "weights" / "mini" / "actavatar_model.json"
+
+
+def sampler_settings() -> dict[str, Any]:
+    """Sampler widgets of the shipped workflows: the bundled mini model's tuned generation defaults (its model card
+    says how they were chosen), so a workflow loaded as-is reproduces ``actavatar demo``."""
+    d = json.loads(MINI_MODEL_JSON.read_text())["info"]["defaults"]
+    return {"width": int(d["width"]), "height": int(d["height"]), "steps": int(d["steps"]),
+            "text_cfg": float(d["text_cfg"]), "audio_cfg": float(d["audio_cfg"]), "shift": float(d["shift"]),
+            "paca_mode": d.get("paca_mode", "routed"), "fps": float(d["fps"])}
+
+
 #: Core nodes used by the workflows: (widget names in UI order, UI-only widget placeholders, socket inputs,
 #: outputs). A ``None`` widget name is a UI-only widget (an upload button / audio player) with no API input.
 CORE_NODES: dict[str, dict[str, Any]] = {
@@ -186,6 +198,7 @@ def base_graph() -> list[Node]:
     from nodes.model_folders import MINI_FILES
 
     script = json.dumps(DEMO_SCRIPT, ensure_ascii=False)
+    d = sampler_settings()
     return [
         Node(1, "ActAvatarModelLoader", "ActAvatar Model Loader", (20, 40), (330, 130),
              {"model_name": MINI_FILES["diffusion_models"], "actavatar_weights": MINI_FILES["actavatar"],
@@ -199,14 +212,15 @@ def base_graph() -> list[Node]:
         Node(5, "LoadImage", "Reference image", (20, 640), (330, 330), {"image": DEMO_IMAGE}),
         Node(6, "LoadAudio", "Speech", (380, 640), (330, 140), {"audio": DEMO_AUDIO}),
         Node(7, "ActAvatarPhasePrompt", "ActAvatar Phase Prompt", (380, 40), (560, 420),
-             {"phase_script": script, "duration": 0.0, "fps": 25.0}, {"audio": (6, 0)}),
+             {"phase_script": script, "duration": 0.0, "fps": d["fps"]}, {"audio": (6, 0)}),
         Node(8, "ActAvatarPhaseEncode", "ActAvatar Phase Encode", (980, 40), (330, 160),
              {"negative": ""}, {"text_encoder": (2, 0), "phase_prompt": (7, 0)}),
         Node(9, "ActAvatarAudioEncode", "ActAvatar Audio Encode", (980, 250), (330, 90),
              {}, {"audio": (6, 0), "audio_encoder": (4, 0)}),
         Node(10, "ActAvatarSampler", "ActAvatar Sampler", (1350, 40), (330, 500),
-             {"width": 128, "height": 128, "frames": 0, "steps": 20, "text_cfg": 5.0, "audio_cfg": 5.0, "shift": 5.0,
-              "seed": 42, "sampler": "unipc", "paca_mode": "routed", "feather": 0.0, "audio_schedule": "trained",
+             {"width": d["width"], "height": d["height"], "frames": 0, "steps": d["steps"], "text_cfg": d["text_cfg"],
+              "audio_cfg": d["audio_cfg"], "shift": d["shift"], "seed": 42, "sampler": "unipc",
+              "paca_mode": d["paca_mode"], "feather": 0.0, "audio_schedule": "trained",
               "audio_gamma": 1.5},
              {"model": (1, 0), "conditioning": (8, 0), "audio_embeds": (9, 0), "image": (5, 0), "vae": (3, 0)}),
         Node(11, "ActAvatarDecode", "ActAvatar Decode", (1720, 40), (300, 110),
