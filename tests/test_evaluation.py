@@ -44,3 +44,12 @@ def test_scores_a_model_on_a_written_test_split(tmp_path):
     row = rows["tiny routed"]
     assert row["clips"] == 1 and 0.0 <= row["hit_at_segment"] <= 1.0
     assert list((tmp_path / "samples").glob("tiny_routed_*.mp4"))
+
+
+@pytest.mark.slow
+def test_ground_truth_clips_score_as_the_ceiling(tmp_path):
+    test_set = evaluation.ensure_test_set(tmp_path / "test", clips=2, duration=2.0, size=128)
+    row = evaluation.score_ground_truth(test_set)
+    assert row["clips"] == 2
+    assert row["hit_at_segment"] == 1.0 and row["tiou"] > 0.7
+    assert row["lipsync_corr"] > 0.5
