@@ -196,3 +196,32 @@ def test_generation_defaults_of_the_config_go_into_the_exported_model(tmp_path):
     assert defaults["text_cfg"] == 4.5 and defaults["paca_mode"] == "routed" and defaults["shift"] == 3.0
     with pytest.raises(ValueError, match="cfg_scale"):
         config_from_dict({**raw, "generation": {"cfg_scale": 2}})
+
+
+def test_interrupted_cache_build_resumes_at_the_first_missing_shard(tmp_path, dataset, monkeypatch):
+    import actavatar_core.training.data as data
+
+    cfg = _cfg(tmp_path, dataset, stages=["stage0"], stage0={"steps": 1, "prompt": "global"})
+    models, transformer = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+    real, calls = data.encode_clip, []
+
+    def dies_on_the_third_clip(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "encode_clip", dies_on_the_third_clip)
+    kwargs = dict(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                  audio_encoder=models.audio_encoder, audio_config=models.audio_config, text_len=cfg.text_len,
+                  window=transformer.config.audio_window, shard_size=1, progress=False)
+    cfg.cache_dir.mkdir(parents=True)
+    (cfg.cache_dir / "index.json").write_text(json.dumps({"fingerprint": "other encoders", "complete": True}))
+    with pytest.raises(KeyboardInterrupt):  # a rebuild of a stale cache, killed half-way
+        data.preprocess(read_annotations(dataset), cfg.cache_dir, **kwargs)
+    first = (cfg.cache_dir / "shard_00000.safetensors").stat().st_mtime_ns
+    assert not json.loads((cfg.cache_dir / "index.json").read_text())["complete"]
+    data.preprocess(read_annotations(dataset), cfg.cache_dir, **kwargs)
+    assert len(calls) == 4  # only the missing third clip was encoded again
+    assert (cfg.cache_dir / "shard_00000.safetensors").stat().st_mtime_ns == first
+    assert json.loads((cfg.cache_dir / "index.json").read_text())["complete"]

@@ -43,6 +43,7 @@ from typing import Any
 
 STAGES = ("vae", "stage0", "stage1", "stage2")
 PROMPTS = ("caption", "global", "phased")
+SCHEDULES = ("constant", "cosine")
 GENERATION_KEYS = {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "shift", "paca_mode", "negative", "sampler"}
 
 
@@ -133,8 +134,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
             cfg = StageConfig(**values)
             if cfg.prompt not in PROMPTS:
                 raise ValueError(f"{name}.prompt must be one of {PROMPTS}")
-            if cfg.schedule not in ("constant", "cosine"):
-                raise ValueError(f"{name}.schedule must be 'constant' or 'cosine', not {cfg.schedule!r}")
+            if cfg.schedule not in SCHEDULES:
+                raise ValueError(f"{name}.schedule must be one of {SCHEDULES} (cosine decays to 10 %), not {cfg.schedule!r}")
             stage_cfgs[name] = cfg
     models = raw.pop("models", {"init": "mini-scratch"})
     for key in ("folder",):

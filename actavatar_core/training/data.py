@@ -137,6 +137,9 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
             print(f"preprocess: {cache} was made with other encoders or clips; rebuilding it", flush=True)
             for old in cache.glob("shard_*.safetensors"):
                 old.unlink()
+    # Claim the folder for these encoders before the first shard: an interrupted build then resumes at the first
+    # missing shard instead of being judged stale and deleted.
+    index_path.write_text(json.dumps({"fingerprint": fp, "complete": False}))
     empty = encode_empty(text_encoder, tokenizer, text_len)
     save_file({"text_empty": empty}, str(cache / "empty.safetensors"))
     shards = [annotations[i : i + shard_size] for i in range(0, len(annotations), shard_size)]

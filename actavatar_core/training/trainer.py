@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import TrainConfig
+from .config import SCHEDULES, TrainConfig
 from .data import CachedClips, iterate_forever, pad_text
 from .flow import flow_matching_loss
 
@@ -98,8 +98,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def lr_factor(warmup: int, steps: int, schedule: str = "constant") -> Callable[[int], float]:
     """Linear warmup, then constant or cosine decay to 10 % at the last step (a decayed run ends on sharper weights)."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr schedule {schedule!r}: use 'constant' or 'cosine'")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}: use one of {SCHEDULES} (e.g. 'cosine')")
 
     def factor(step: int) -> float:
         if step < warmup:
