@@ -202,7 +202,8 @@ class StageRunner:
                 with acc.accumulate(model):
                     with acc.autocast():
                         loss = flow_matching_loss(model, latents, text, phase_ids=ids, audio=audio, shift=cfg.shift,
-                                                  generator=generator, paca_mode=mode, patch_size=patch)
+                                                  generator=generator, paca_mode=mode, patch_size=patch,
+                                                  motion_weight=scfg.motion_weight)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
