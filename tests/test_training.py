@@ -225,3 +225,87 @@ def test_interrupted_cache_build_resumes_at_the_first_missing_shard(tmp_path, da
     assert len(calls) == 4  # only the missing third clip was encoded again
     assert (cfg.cache_dir / "shard_00000.safetensors").stat().st_mtime_ns == first
     assert json.loads((cfg.cache_dir / "index.json").read_text())["complete"]
+
+
+def test_motion_weights_favour_what_moves_and_keep_the_loss_scale():
+    from actavatar_core.training.flow import motion_weights, weighted_mean
+
+    clip = torch.zeros(2, 4, 5, 6, 6)
+    clip[0, :, :, 2, 3] = torch.arange(5.0)  # clip 0: one moving position; clip 1: static
+    w = motion_weights(clip, 3.0)
+    assert w.shape == (2, 1, 5, 6, 6)
+    assert torch.all(w[1] == 1.0)  # a static clip is weighted uniformly
+    assert w[0, 0, 0, 2, 3] > 10 and w[0, 0, 0, 0, 0] == 1.0
+    assert torch.allclose(w[0].mean(), torch.tensor(4.0))  # mean 1 + weight
+    err = torch.full((2, 4, 5, 6, 6), 0.25)
+    assert torch.isclose(weighted_mean(err, w), torch.tensor(0.25))  # a uniform error keeps its value
+    err[0, :, :, 2, 3] = 1.0
+    assert weighted_mean(err, w) > err.mean()
+
+
+def test_flow_loss_without_motion_weight_is_the_plain_mse():
+    import torch.nn.functional as F
+
+    from actavatar_core.training.flow import flow_matching_loss
+
+    class Echo(torch.nn.Module):  # predicts the noisy input: a fixed, non-trivial velocity
+        def forward(self, x, t, text, **kw):
+            return (x * 0.5,)
+
+    latents = torch.randn(2, 3, 4, 4, 4)
+    seen = {}
+
+    def loss(weight):
+        gen = torch.Generator().manual_seed(0)
+        return flow_matching_loss(Echo(), latents, torch.zeros(2, 1, 8), phase_ids=None, audio=None, shift=3.0,
+                                  generator=gen, motion_weight=weight)
+
+    gen = torch.Generator().manual_seed(0)
+    from actavatar_core.training.flow import shifted_sigmas
+
+    s = shifted_sigmas(2, 3.0, gen).view(2, 1, 1, 1, 1)
+    noise = torch.randn(latents.shape, generator=gen)
+    noisy = (1 - s) * latents + s * noise
+    noisy[:, :, 0] = latents[:, :, 0]
+    expected = F.mse_loss((noisy * 0.5)[:, :, 1:], (noise - latents)[:, :, 1:])
+    assert torch.isclose(loss(0.0), expected)
+    assert not torch.isclose(loss(2.0), expected)
+
+
+def test_config_rejects_negative_motion_weight(tmp_path):
+    with pytest.raises(ValueError, match="stage2.motion_weight"):
+        config_from_dict({"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)},
+                          "stage2": {"steps": 2, "motion_weight": -1}})
+    with pytest.raises(ValueError, match="4k\\+1"):
+        from actavatar_core.training.recipe import train_vae_decoder
+
+        cfg = config_from_dict({"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)},
+                                "vae_decoder": {"steps": 1, "frames": 8}})
+        train_vae_decoder(cfg, None, [], log=lambda m: None, progress=False)
+
+
+def test_vae_decoder_stage_keeps_the_encoder_and_the_cache(tmp_path, dataset):
+    from actavatar_core.training.data import fingerprint, vae_encoding_modules
+
+    cfg = _cfg(tmp_path, dataset, stages=["stage0"], stage0={"steps": 1, "prompt": "global"})
+    run_training(cfg, progress=False, log=lambda m: None)
+    index = json.loads((cfg.cache_dir / "index.json").read_text())
+    stamp = (cfg.cache_dir / "shard_00000.safetensors").stat().st_mtime_ns
+    models, _ = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+    before = {k: v.clone() for k, v in models.vae.state_dict().items()}
+    encoder_fp = fingerprint(*vae_encoding_modules(models.vae))
+
+    cfg = _cfg(tmp_path, dataset, stages=["vae_decoder", "stage0"], stage0={"steps": 1, "prompt": "global"},
+               vae_decoder={"steps": 3, "lr": 1e-3, "frames": 9, "motion_weight": 2.0})
+    result = run_training(cfg, progress=False, log=lambda m: None)
+    after = result["models"].vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert any(k.startswith("decoder.") for k in changed)
+    assert fingerprint(*vae_encoding_modules(result["models"].vae)) == encoder_fp
+    # the cache made before the decoder changed is still valid: not rebuilt
+    assert json.loads((cfg.cache_dir / "index.json").read_text())["fingerprint"] == index["fingerprint"]
+    assert (cfg.cache_dir / "shard_00000.safetensors").stat().st_mtime_ns == stamp
+    # a later run loads the fine-tuned decoder instead of training it again
+    reloaded, _ = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+    assert all(torch.equal(v, after[k]) for k, v in reloaded.vae.state_dict().items())

@@ -15,12 +15,14 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
                            "actavatar": null},             # init=files: users' checkpoints (actavatar_core.loading)
                  "transformer": {...}, "vae": {...}, "text_encoder": {...}, "audio_encoder": {...}},  # mini-scratch configs
       "text_len": 512,
-      "stages": ["vae", "stage0", "stage1", "stage2"],      # any subset, in this order
+      "stages": ["vae", "vae_decoder", "stage0", "stage1", "stage2"],  # any subset, in this order
       "vae":    {"steps": 1500, "lr": 1e-3, "batch_size": 4, "frames": 9},
+      "vae_decoder": {"steps": 1000, "lr": 3e-4, "frames": 21, "motion_weight": 4.0},  # decoder only, encoder frozen
       "stage0": {"steps": 2000, "lr": 5e-4, "prompt": "global"},   # backbone pretraining (mini only; Wan is pretrained)
       "stage1": {"steps": 1000, "lr": 5e-4, "prompt": "caption"},  # paper stage 1: audio adapter only, brief captions
       "stage2": {"steps": 2000, "lr": 2e-4, "prompt": "phased", "train": "full" | "lora", "lora_rank": 16,
-                 "schedule": "constant" | "cosine"},               # lr after warmup (cosine: down to 10 %)
+                 "schedule": "constant" | "cosine",                # lr after warmup (cosine: down to 10 %)
+                 "motion_weight": 0.0},                            # > 0: weight the loss towards what moves
       "batch_size": 4, "grad_accum": 1, "weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_steps": 50,
       "shift": 5.0, "caption_dropout": 0.1, "audio_dropout": 0.1,
       "gradient_checkpointing": false, "mixed_precision": "auto",
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("vae", "stage0", "stage1", "stage2")
+STAGES = ("vae", "vae_decoder", "stage0", "stage1", "stage2")
 PROMPTS = ("caption", "global", "phased")
 SCHEDULES = ("constant", "cosine")
 GENERATION_KEYS = {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "shift", "paca_mode", "negative", "sampler"}
@@ -58,6 +60,7 @@ class StageConfig:
     frames: int = 9  # vae stage: frames per training clip
     crop: int | None = None  # vae stage: square crop size in pixels (None: whole frames)
     schedule: str = "constant"  # learning rate after warmup: constant, or cosine decay to 10 % at the last step
+    motion_weight: float = 0.0  # extra loss weight on what moves in the clip (0: plain mean; see flow.motion_weights)
 
 
 @dataclass
@@ -134,6 +137,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
             cfg = StageConfig(**values)
             if cfg.prompt not in PROMPTS:
                 raise ValueError(f"{name}.prompt must be one of {PROMPTS}")
+            if cfg.motion_weight < 0:
+                raise ValueError(f"{name}.motion_weight must be >= 0 (0 turns it off), not {cfg.motion_weight}")
             if cfg.schedule not in SCHEDULES:
                 raise ValueError(f"{name}.schedule must be one of {SCHEDULES} (cosine decays to 10 %), not {cfg.schedule!r}")
             stage_cfgs[name] = cfg

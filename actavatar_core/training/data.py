@@ -85,6 +85,12 @@ def fingerprint(*modules: Any, extra: Any = None) -> str:
     return h.hexdigest()[:16]
 
 
+def vae_encoding_modules(vae: Any) -> list[torch.nn.Module]:
+    """The parts of the VAE that make the cached latents. Only these enter the cache fingerprint, so fine-tuning the
+    decoder (the ``vae_decoder`` stage) keeps the cache and every stage trained on it valid."""
+    return [vae.encoder, vae.quant_conv]
+
+
 @torch.no_grad()
 def encode_clip(ann: Annotation, vae: Any, text_encoder: Any, tokenizer: Any, audio_encoder: Any,
                 audio_config: dict, text_len: int, window: int) -> dict[str, torch.Tensor]:
@@ -126,8 +132,10 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
 
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(vae, text_encoder, audio_encoder, extra={"ids": [a.id for a in annotations], "text_len": text_len,
-                                                              "window": window, "tok": len(tokenizer)})
+    fp = fingerprint(*vae_encoding_modules(vae), text_encoder, audio_encoder,
+                     extra={"ids": [a.id for a in annotations], "text_len": text_len, "window": window,
+                            "tok": len(tokenizer), "latents_mean": vae.config.latents_mean,
+                            "latents_std": vae.config.latents_std})
     index_path = cache / INDEX
     if index_path.is_file():
         index = json.loads(index_path.read_text())

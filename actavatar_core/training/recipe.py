@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -118,7 +120,7 @@ def _mini_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[
         tokenizer = build_tokenizer(spm_bytes, extra_ids=0, model_max_length=cfg.text_len)
         text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
         audio_encoder = Wav2Vec2Model.from_pretrained(folder / "audio_encoder", local_files_only=True).eval()
-        vae_dir = folder / "vae_trained" if (folder / "vae_trained").is_dir() else folder / "vae"
+        vae_dir = next(folder / d for d in ("vae_tuned", "vae_trained", "vae") if (folder / d).is_dir())
         vae = AutoencoderKLWan.from_pretrained(vae_dir, local_files_only=True).eval()
     else:
         folder.mkdir(parents=True, exist_ok=True)
@@ -215,6 +217,80 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
     return vae
 
 
+def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Callable[[str], None] = print,
+                      progress: bool = True) -> Any:
+    """Fine-tune the VAE's decoder with its encoder frozen (as Stable Diffusion's ft-MSE VAE was made): sharper frames
+    and mouths from the same latents, so the cache and every transformer stage trained on it stay valid. Trains on
+    whole frames, with the loss weighted towards what moves in the clip (mouth, hands) when ``motion_weight`` > 0."""
+    from tqdm import tqdm
+
+    from ..vae import frames_to_tensor
+    from ..video import read_video
+    from .flow import motion_weights, weighted_mean
+
+    folder = models_dir(cfg) / "vae_tuned"
+    if (folder / "config.json").is_file():
+        from diffusers import AutoencoderKLWan
+
+        log("vae_decoder: already fine-tuned, loading")
+        return AutoencoderKLWan.from_pretrained(folder, local_files_only=True).eval()
+    scfg = cfg.stage_config("vae_decoder")
+    if (scfg.frames - 1) % 4:
+        raise ValueError(f"vae_decoder.frames must be 4k+1 (the VAE's temporal stride is 4), not {scfg.frames}")
+    rng = np.random.default_rng(cfg.seed + 11)
+    pool = [read_video(a.video)[0] for a in annotations[: min(len(annotations), 200)]]
+    trainable = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    vae.eval()  # no dropout or norm statistics to update; eval keeps the frozen encoder exactly as cached
+    opt = torch.optim.AdamW(trainable, lr=scfg.lr, weight_decay=0.0)
+    from .trainer import lr_factor
+
+    factor = lr_factor(min(50, scfg.steps // 10), scfg.steps, scfg.schedule)
+    batch = scfg.batch_size or 1
+    bar = tqdm(total=scfg.steps, desc="vae_decoder", unit="step", disable=not progress)
+    ema = None
+    for step in range(scfg.steps):
+        clips = []
+        for _ in range(batch):
+            frames = pool[int(rng.integers(len(pool)))]
+            start = int(rng.integers(0, len(frames) - scfg.frames + 1))
+            h, w = frames.shape[1:3]
+            crop = min(scfg.crop or h, h, w)
+            y = int(rng.integers(0, (h - crop) // 16 + 1)) * 16
+            x0 = int(rng.integers(0, (w - crop) // 16 + 1)) * 16
+            clips.append(frames_to_tensor(frames[start:start + scfg.frames, y:y + crop, x0:x0 + crop]))
+        x = torch.cat(clips)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(z).sample
+        weights = motion_weights(x, scfg.motion_weight) if scfg.motion_weight > 0 else None
+        diff = recon - x
+        loss = weighted_mean(diff.abs(), weights) + weighted_mean(diff.square(), weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = scfg.lr * factor(step)
+        opt.step()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.97 * ema + 0.03 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.4f}")
+    bar.close()
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    vae.eval()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    log(f"vae_decoder: fine-tuned {scfg.steps} steps, final loss {ema:.4f}")
+    return vae
+
+
 # ---------------------------------------------------------------------------------------------- whole run
 def ensure_dataset(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
     if (Path(cfg.dataset) / "annotations.jsonl").is_file() or not cfg.synth:
@@ -246,6 +322,10 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
         t0 = time.time()
         models.vae = train_vae(cfg, models.vae, annotations, log, progress)
         report["stages"]["vae"] = {"seconds": round(time.time() - t0, 1)}
+    if "vae_decoder" in cfg.stages:
+        t0 = time.time()
+        models.vae = train_vae_decoder(cfg, models.vae, annotations, log, progress)
+        report["stages"]["vae_decoder"] = {"seconds": round(time.time() - t0, 1)}
     t0 = time.time()
     cache = preprocess(annotations, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder,
                        tokenizer=models.tokenizer, audio_encoder=models.audio_encoder, audio_config=models.audio_config,
@@ -255,7 +335,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
     dataset = CachedClips(cache)
     previous = None
     validator = make_validator(cfg, models, annotations[0])
-    for stage in [s for s in cfg.stages if s != "vae"]:
+    for stage in [s for s in cfg.stages if s not in ("vae", "vae_decoder")]:
         if previous is not None:
             load_stage_weights(transformer, out / previous)
         runner = StageRunner(cfg, stage, transformer, dataset, log=log, progress=progress,
