@@ -53,3 +53,14 @@ def test_ground_truth_clips_score_as_the_ceiling(tmp_path):
     assert row["clips"] == 2
     assert row["hit_at_segment"] == 1.0 and row["tiou"] > 0.7
     assert row["lipsync_corr"] > 0.5
+
+
+@pytest.mark.slow
+def test_vae_reconstruction_row_scores_the_clips_through_the_models_vae(tmp_path):
+    from actavatar_core.pipeline import tiny_models
+
+    test_set = evaluation.ensure_test_set(tmp_path / "test", clips=1, duration=1.0, size=64)
+    truth = evaluation.score_ground_truth(test_set)
+    row = evaluation.score_reconstruction(tiny_models(), test_set)  # an untrained VAE destroys the frames
+    assert row["clips"] == 1
+    assert row["hit_at_segment"] < truth["hit_at_segment"] or row["identity_dist"] > truth["identity_dist"] + 10
