@@ -309,3 +309,17 @@ def test_vae_decoder_stage_keeps_the_encoder_and_the_cache(tmp_path, dataset):
     # a later run loads the fine-tuned decoder instead of training it again
     reloaded, _ = build_models(cfg, read_annotations(dataset), log=lambda m: None)
     assert all(torch.equal(v, after[k]) for k, v in reloaded.vae.state_dict().items())
+
+
+def test_vae_stage_trains_the_whole_vae_and_records_latent_statistics(tmp_path, dataset):
+    cfg = _cfg(tmp_path, dataset, stages=["vae", "stage0"], stage0={"steps": 1, "prompt": "global"},
+               vae={"steps": 2, "lr": 1e-3, "batch_size": 1, "frames": 9, "crop": 32})
+    models, _ = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+    before = {k: v.clone() for k, v in models.vae.state_dict().items()}
+    vae = run_training(cfg, progress=False, log=lambda m: None)["models"].vae
+    after = vae.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"encoder", "decoder"} <= changed
+    assert len(vae.config.latents_mean) == len(vae.config.latents_std) == vae.config.z_dim
+    assert min(vae.config.latents_std) > 0
+    assert (tmp_path / "run" / "models" / "vae_trained" / "config.json").is_file()

@@ -154,6 +154,30 @@ def _count(module: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- VAE stage
+def _frame_pool(annotations: list[Annotation]) -> list[np.ndarray]:
+    """The frames of the first 200 clips, held in memory for the VAE stages."""
+    from ..video import read_video
+
+    return [read_video(a.video)[0] for a in annotations[: min(len(annotations), 200)]]
+
+
+def _clip_batch(pool: list[np.ndarray], rng: np.random.Generator, batch: int, frames: int,
+                crop: int | None) -> torch.Tensor:
+    """(batch, 3, frames, crop, crop) random clips in [-1, 1]; crops start on the 16-pixel latent grid. The VAE is
+    convolutional: crops train it for the whole frame, cheaper."""
+    from ..vae import frames_to_tensor
+
+    clips = []
+    for _ in range(batch):
+        video = pool[int(rng.integers(len(pool)))]
+        start = int(rng.integers(0, len(video) - frames + 1))
+        h, w = video.shape[1:3]
+        size = min(crop or h, h, w)
+        y = int(rng.integers(0, (h - size) // 16 + 1)) * 16
+        x0 = int(rng.integers(0, (w - size) // 16 + 1)) * 16
+        clips.append(frames_to_tensor(video[start:start + frames, y:y + size, x0:x0 + size]))
+    return torch.cat(clips)
+
 def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Callable[[str], None] = print,
               progress: bool = True) -> Any:
     """Train the mini VAE to reconstruct the dataset's frames (L1 + MSE), then set its per-channel latent mean and std
@@ -162,7 +186,6 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
     from tqdm import tqdm
 
     from ..vae import frames_to_tensor
-    from ..video import read_video
 
     folder = models_dir(cfg) / "vae_trained"
     if (folder / "config.json").is_file():
@@ -173,23 +196,14 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
     scfg = cfg.stage_config("vae")
     clip_frames = scfg.frames
     rng = np.random.default_rng(cfg.seed)
-    pool = [read_video(a.video)[0] for a in annotations[: min(len(annotations), 200)]]
+    pool = _frame_pool(annotations)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=scfg.lr, weight_decay=0.0)
     batch = scfg.batch_size or 2
     bar = tqdm(total=scfg.steps, desc="vae", unit="step", disable=not progress)
     ema = None
     for step in range(scfg.steps):
-        clips = []
-        for _ in range(batch):
-            frames = pool[int(rng.integers(len(pool)))]
-            start = int(rng.integers(0, len(frames) - clip_frames + 1))
-            h, w = frames.shape[1:3]
-            crop = min(scfg.crop or h, h, w)  # the VAE is convolutional: crops train it for the full frame, cheaper
-            y = int(rng.integers(0, (h - crop) // 16 + 1)) * 16
-            x0 = int(rng.integers(0, (w - crop) // 16 + 1)) * 16
-            clips.append(frames_to_tensor(frames[start:start + clip_frames, y:y + crop, x0:x0 + crop]))
-        x = torch.cat(clips)
+        x = _clip_batch(pool, rng, batch, clip_frames, scfg.crop)
         # A deterministic autoencoder (the posterior mean): the diffusion model only ever sees that mean (Wan's
         # pipelines encode with the mode), and without sampling noise the small decoder learns several times faster.
         z = vae.encode(x).latent_dist.mode()
@@ -224,8 +238,6 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
     whole frames, with the loss weighted towards what moves in the clip (mouth, hands) when ``motion_weight`` > 0."""
     from tqdm import tqdm
 
-    from ..vae import frames_to_tensor
-    from ..video import read_video
     from .flow import motion_weights, weighted_mean
 
     folder = models_dir(cfg) / "vae_tuned"
@@ -238,7 +250,7 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
     if (scfg.frames - 1) % 4:
         raise ValueError(f"vae_decoder.frames must be 4k+1 (the VAE's temporal stride is 4), not {scfg.frames}")
     rng = np.random.default_rng(cfg.seed + 11)
-    pool = [read_video(a.video)[0] for a in annotations[: min(len(annotations), 200)]]
+    pool = _frame_pool(annotations)
     trainable = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -253,16 +265,7 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
     bar = tqdm(total=scfg.steps, desc="vae_decoder", unit="step", disable=not progress)
     ema = None
     for step in range(scfg.steps):
-        clips = []
-        for _ in range(batch):
-            frames = pool[int(rng.integers(len(pool)))]
-            start = int(rng.integers(0, len(frames) - scfg.frames + 1))
-            h, w = frames.shape[1:3]
-            crop = min(scfg.crop or h, h, w)
-            y = int(rng.integers(0, (h - crop) // 16 + 1)) * 16
-            x0 = int(rng.integers(0, (w - crop) // 16 + 1)) * 16
-            clips.append(frames_to_tensor(frames[start:start + scfg.frames, y:y + crop, x0:x0 + crop]))
-        x = torch.cat(clips)
+        x = _clip_batch(pool, rng, batch, scfg.frames, scfg.crop)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
         recon = vae.decode(z).sample
