@@ -52,6 +52,15 @@ def init_distributed() -> tuple[int, int, int, Any]:
     return rank, local_rank, world, device
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group before the process exits: left to interpreter shutdown, gloo's worker threads can be
+    torn down while still joinable, and the process aborts (SIGABRT) after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def enable_context_parallel(transformer: Any, world: int, kind: str = "ulysses") -> None:
     """Split the transformer's video tokens over ``world`` ranks. Ulysses needs the head count divisible by
     ``world`` (24 heads for Wan2.2 5B: 2, 3, 4, 6 or 8 GPUs); ring attention needs a backend that returns the

@@ -78,7 +78,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     from .pipeline import ActAvatarPipeline, GenerationRequest, load_model_folder
     from .sampling import SamplingOptions
 
-    from .parallel import distributed_env, enable_context_parallel, init_distributed
+    from .parallel import distributed_env, enable_context_parallel, init_distributed, shutdown_distributed
 
     rank, world = 0, distributed_env()[2]
     if world > 1:
@@ -124,6 +124,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
                                            on_step=on_step)
     finally:
         bar.close()
+        if world > 1:
+            shutdown_distributed()
     frames = result.audio.num_frames
     print(f"wrote {result.path} ({frames} frames, {request.width}x{request.height}, {request.fps:g} fps, "
           f"{frames / request.fps:.2f} s) in {time.time() - started:.1f} s")
