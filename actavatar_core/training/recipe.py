@@ -178,6 +178,17 @@ def _clip_batch(pool: list[np.ndarray], rng: np.random.Generator, batch: int, fr
         clips.append(frames_to_tensor(video[start:start + frames, y:y + size, x0:x0 + size]))
     return torch.cat(clips)
 
+
+def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -> float:
+    """One step of a VAE stage: backward, clip the gradient norm to 1, step at ``lr``; the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    return float(loss.detach())
+
 def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Callable[[str], None] = print,
               progress: bool = True) -> Any:
     """Train the mini VAE to reconstruct the dataset's frames (L1 + MSE), then set its per-channel latent mean and std
@@ -209,13 +220,8 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
         z = vae.encode(x).latent_dist.mode()
         recon = vae.decode(z).sample
         loss = (recon - x).abs().mean() + (recon - x).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        for group in opt.param_groups:
-            group["lr"] = scfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / scfg.steps)))
-        opt.step()
-        value = float(loss.detach())
+        lr = scfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / scfg.steps)))
+        value = _optimizer_step(loss, opt, lr)
         ema = value if ema is None else 0.97 * ema + 0.03 * value
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}")
@@ -272,13 +278,7 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
         weights = motion_weights(x, scfg.motion_weight) if scfg.motion_weight > 0 else None
         diff = recon - x
         loss = weighted_mean(diff.abs(), weights) + weighted_mean(diff.square(), weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        for group in opt.param_groups:
-            group["lr"] = scfg.lr * factor(step)
-        opt.step()
-        value = float(loss.detach())
+        value = _optimizer_step(loss, opt, scfg.lr * factor(step))
         ema = value if ema is None else 0.97 * ema + 0.03 * value
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}")
