@@ -61,8 +61,7 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
 
     from .synth.metrics import aggregate, evaluate_clip
 
-    lines = [json.loads(x) for x in (test_set / "annotations.jsonl").read_text().splitlines() if x.strip()]
-    lines = lines[:clips] if clips else lines
+    lines = _test_annotations(test_set, clips)
     out: dict[str, Any] = {}
     for name, mode, phased in modes:
         started, results = time.time(), []
@@ -84,20 +83,30 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
     return out
 
 
-def score_ground_truth(test_set: Path, clips: int | None = None) -> dict[str, Any]:
-    """The detectors on the test clips themselves: the ceiling each figure can reach (a real mouth-audio correlation
-    is well below 1 because the mouth follows a smoothed envelope)."""
+def _test_annotations(test_set: Path, clips: int | None = None) -> list[dict[str, Any]]:
+    lines = [json.loads(x) for x in (test_set / "annotations.jsonl").read_text().splitlines() if x.strip()]
+    return lines[:clips] if clips else lines
+
+
+def _score_test_clips(test_set: Path, clips: int | None, transform: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """The detectors on ``transform`` of each test clip's frames, against its own first frame."""
     from .synth.metrics import aggregate, evaluate_clip
     from .video import read_video
 
-    lines = [json.loads(x) for x in (test_set / "annotations.jsonl").read_text().splitlines() if x.strip()]
     results = []
-    for ann in lines[:clips] if clips else lines:
+    for ann in _test_annotations(test_set, clips):
         frames, _, audio, rate = read_video(test_set / ann["video"])
-        results.append(evaluate_clip(frames, audio, rate, ann, reference=frames[0]))
+        frames = frames[: int(ann["num_frames"])]
+        results.append(evaluate_clip(transform(frames)[: len(frames)], audio, rate, ann, reference=frames[0]))
     summary = aggregate(results)
     summary["clips"] = len(results)
     return summary
+
+
+def score_ground_truth(test_set: Path, clips: int | None = None) -> dict[str, Any]:
+    """The detectors on the test clips themselves: the ceiling each figure can reach (a real mouth-audio correlation
+    is well below 1 because the mouth follows a smoothed envelope)."""
+    return _score_test_clips(test_set, clips, lambda frames: frames)
 
 
 def score_reconstruction(models: Any, test_set: Path, clips: int | None = None) -> dict[str, Any]:
@@ -105,21 +114,13 @@ def score_reconstruction(models: Any, test_set: Path, clips: int | None = None) 
     transformer could reach, since everything it makes comes out through that decoder."""
     import torch
 
-    from .synth.metrics import aggregate, evaluate_clip
     from .vae import decode_latents, encode_video, frames_to_tensor
-    from .video import read_video
 
-    lines = [json.loads(x) for x in (test_set / "annotations.jsonl").read_text().splitlines() if x.strip()]
-    results = []
-    for ann in lines[:clips] if clips else lines:
-        frames, _, audio, rate = read_video(test_set / ann["video"])
-        frames = frames[: int(ann["num_frames"])]
+    def through_vae(frames: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            decoded = decode_latents(models.vae, encode_video(models.vae, frames_to_tensor(frames)))
-        results.append(evaluate_clip(decoded[: len(frames)], audio, rate, ann, reference=frames[0]))
-    summary = aggregate(results)
-    summary["clips"] = len(results)
-    return summary
+            return decode_latents(models.vae, encode_video(models.vae, frames_to_tensor(frames)))
+
+    return _score_test_clips(test_set, clips, through_vae)
 
 
 def _short(s: dict[str, Any]) -> str:

@@ -245,6 +245,7 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
     from tqdm import tqdm
 
     from .flow import motion_weights, weighted_mean
+    from .trainer import lr_factor
 
     folder = models_dir(cfg) / "vae_tuned"
     if (folder / "config.json").is_file():
@@ -264,8 +265,6 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
         p.requires_grad_(True)
     vae.eval()  # no dropout or norm statistics to update; eval keeps the frozen encoder exactly as cached
     opt = torch.optim.AdamW(trainable, lr=scfg.lr, weight_decay=0.0)
-    from .trainer import lr_factor
-
     factor = lr_factor(min(50, scfg.steps // 10), scfg.steps, scfg.schedule)
     batch = scfg.batch_size or 1
     bar = tqdm(total=scfg.steps, desc="vae_decoder", unit="step", disable=not progress)
