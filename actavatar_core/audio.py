@@ -192,7 +192,8 @@ def to_video_rate(features: torch.Tensor, num_frames: int, fps: float) -> torch.
     pos = ((t * SAMPLE_RATE - (W2V_FIELD / 2 - W2V_HOP / 2)) / W2V_HOP).clamp(0, features.shape[0] - 1)
     lo = pos.floor().long()
     hi = (lo + 1).clamp(max=features.shape[0] - 1)
-    w = (pos - lo.double()).float()[:, None, None]
+    w = (pos - lo.double()).to(features.device, features.dtype)[:, None, None]  # the encoder may run on the GPU
+    lo, hi = lo.to(features.device), hi.to(features.device)
     return features[lo] * (1 - w) + features[hi] * w
 
 
@@ -204,7 +205,7 @@ def window_per_latent_frame(video_rate: torch.Tensor, window: int = DEFAULT_WIND
     centres = torch.tensor([0.0] + [VAE_TEMPORAL_STRIDE * j - 1.5 for j in range(1, latents)])
     offsets = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
     index = (centres[:, None] + offsets[None]).round().long().clamp(0, num_frames - 1)
-    return video_rate[index]
+    return video_rate[index.to(video_rate.device)]
 
 
 @dataclass

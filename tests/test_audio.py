@@ -81,6 +81,15 @@ def test_video_rate_alignment_and_windows():
     assert torch.equal(windows[12], video[[43, 44, 45, 46, 47, 48, 48, 48]])
 
 
+def test_video_rate_alignment_stays_on_the_encoders_device():
+    """Found on a lent H200: the interpolation weights were built on the CPU and broke preprocessing on a GPU.
+    The meta device stands in for the GPU (mixing it with CPU tensors fails the same way)."""
+    feats = torch.randn(100, 2, 3, device="meta")
+    video = to_video_rate(feats, 49, 24.0)
+    assert video.device.type == "meta" and video.shape == (49, 2, 3)
+    assert window_per_latent_frame(video, 8).device.type == "meta"
+
+
 def test_embedding_reacts_to_the_sound(speech):
     model = tiny_audio_encoder()
     a = encode_audio(model, {"waveform": torch.from_numpy(speech(1.0, seed=0))[None], "sample_rate": 16000}, fps=25)
