@@ -107,6 +107,14 @@ class ActAvatarBlock(WanTransformerBlock):
         return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a model computes in. diffusers keeps some Wan layers in fp32 (``_keep_in_fp32_modules``: norms, the
+    time embedding, the scale-shift table, which comes first), so ``next(parameters())`` says fp32 for a bf16
+    model; ``ModelMixin.dtype`` skips those layers. Found on a GPU, where bf16 is the default."""
+    dtype = getattr(module, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype
+
+
 class ActAvatarTransformer(WanTransformer3DModel):
     """Wan2.2 TI2V transformer with PACA and the progressive audio adapter."""
 
@@ -271,11 +279,12 @@ class ActAvatarTransformer(WanTransformer3DModel):
         base_config = {k: v for k, v in base.config.items() if not k.startswith("_")}
         config = {**{k: base_config[k] for k in base_config if k in _wan_init_keys()}, **adapter_config}
         param = next(base.parameters())
+        dtype = compute_dtype(base)
         with torch.device("meta"):
             model = cls(**config)
         model.load_state_dict(base.state_dict(), strict=False, assign=True)
         model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"])
-        model.materialise_extra_weights(param.device, param.dtype)
+        model.materialise_extra_weights(param.device, dtype)
         return model.eval() if not base.training else model
 
     def materialise_extra_weights(self, device: torch.device, dtype: torch.dtype) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from .audio import AudioEmbedding, encode_audio
 from .errors import PhaseScriptError
+from .model import compute_dtype
 from .phases import DEFAULT_FPS, PhaseScript, latent_frame_count
 from .sampling import Conditioning, SamplingOptions, StepInfo, build_routing, cancel_check, sample
 from .text import DEFAULT_NEGATIVE, EncodedPrompt, encode_plain, encode_script
@@ -85,7 +86,7 @@ def prepare(models: ActAvatarModels, request: GenerationRequest) -> PreparedInpu
     if len(script.phases) > models.transformer.config.max_phases:
         raise PhaseScriptError(f"This model was trained with at most {models.transformer.config.max_phases} phases.",
                                "Use fewer phases.")
-    dtype = next(models.transformer.parameters()).dtype
+    dtype = compute_dtype(models.transformer)
     prompt = encode_script(models.text_encoder, models.tokenizer, script, phased=request.phased_prompt, dtype=dtype)
     negative_text = request.negative if request.negative is not None else (script.negative or DEFAULT_NEGATIVE)
     negative = encode_plain(models.text_encoder, models.tokenizer, negative_text, dtype=dtype)

@@ -109,8 +109,9 @@ def sample(transformer: Any, cond: Conditioning, first_latent: torch.Tensor, num
            check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
     """Denoise from seeded noise to normalised latents (1, C, F, h, w); the first latent frame is the reference."""
     options.check()
-    param = next(transformer.parameters())
-    device, dtype = param.device, param.dtype
+    from .model import compute_dtype
+
+    device, dtype = next(transformer.parameters()).device, compute_dtype(transformer)
     _, channels, _, h, w = first_latent.shape
     p_t, p_h, p_w = transformer.config.patch_size
     if h % p_h or w % p_w:

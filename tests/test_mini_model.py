@@ -50,3 +50,26 @@ def test_generates_the_demo_with_its_actions_in_their_windows(mini):
     acting = [label for label in score["labels"] if label not in ("idle", "other")]
     assert len(acting) > len(score["labels"]) // 2, score["labels"]  # the avatar acts, it does not just stand
     assert np.isfinite(score["identity_dist"]) and score["identity_dist"] < 40
+
+
+@pytest.mark.parametrize("mode", ["learned", "routed"])
+def test_generates_in_bf16_the_precision_gpus_get_by_default(mode):
+    """Found on a lent H200: with bf16 weights the sampler took fp32 from the first parameter (a layer diffusers keeps
+    in fp32) and fed fp32 latents to the bf16 patch embedding. The CPU runs bf16 too, so this guards it here."""
+    import torch
+
+    from actavatar_core.pipeline import ActAvatarPipeline, GenerationRequest
+    from actavatar_core.sampling import SamplingOptions
+
+    models, d = load_default_models(dtype=torch.bfloat16)
+    image, audio, phases = demo_inputs()
+    request = GenerationRequest(image=image, audio=audio, phases=json.loads(phases), width=d["width"],
+                                height=d["height"], fps=d["fps"], negative="",
+                                options=SamplingOptions(steps=2, text_cfg=3.0, audio_cfg=4.0, shift=3.0, seed=0,
+                                                        paca_mode=mode))
+    frames = ActAvatarPipeline(models).generate(request).frames
+    assert frames.shape == (77, d["height"], d["width"], 3) and frames.std() > 1.0
+    kept = models.transformer._keep_in_fp32_modules  # norms and embeddings diffusers keeps in fp32 on purpose
+    extra = [p for n, p in models.transformer.named_parameters()
+             if ("audio" in n or "phase" in n) and not any(k in n.split(".") for k in kept)]
+    assert extra and all(p.dtype == torch.bfloat16 for p in extra)  # the adapter computes in the model's dtype
