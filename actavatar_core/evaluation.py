@@ -185,11 +185,39 @@ def run_ablation(base_run: Path, dataset: Path, test_set: Path, out: Path, *, st
         cfg = config_from_dict(raw)
         log(f"ablation variant '{name}': stages {cfg.stages}")
         trained[name] = run_training(cfg, log=log, progress=False)["models"]
+    rows = score_ablation(trained, test_set, clips=clips, steps=steps, text_cfg=text_cfg, audio_cfg=audio_cfg,
+                          shift=shift, log=log)
+    return {"rows": rows, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps}
+
+
+def score_ablation(trained: dict[str, Any], test_set: Path, *, clips: int, steps: int, text_cfg: float,
+                   audio_cfg: float, shift: float, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """The Table-4 rows of trained variants (``{"global": models, "paca": ..., "uniform": ..., "onestage": ...}``)."""
     rows = {}
     for row, variant, mode, phased in ABLATION_ROWS:
         rows.update(evaluate_model(trained[variant], test_set, modes=[(row, mode, phased)], clips=clips, steps=steps,
                                    text_cfg=text_cfg, audio_cfg=audio_cfg, shift=shift, log=log))
-    return {"rows": rows, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps}
+    return rows
+
+
+def load_ablation_runs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Variants trained elsewhere (one finished run folder per variant, named as in :data:`ABLATION_ROWS`), with a
+    summary of how each was trained for the table's caption."""
+    from .errors import ActAvatarError
+    from .training.recipe import load_trained_run
+
+    names = sorted({variant for _, variant, _, _ in ABLATION_ROWS})
+    missing = [n for n in names if not (folder / n / "config.json").is_file()]
+    if missing:
+        raise ActAvatarError(f"'{folder}' lacks the ablation variant run(s) {missing}.",
+                             f"Train one run folder per variant ({', '.join(names)}) in it.")
+    trained, recipes = {}, {}
+    for name in names:
+        trained[name] = load_trained_run(folder / name)
+        cfg = json.loads((folder / name / "config.json").read_text())
+        recipes[name] = {"batch_size": cfg.get("batch_size"),
+                         "steps": {s: cfg["stage"][s]["steps"] for s in cfg["stages"] if s in cfg.get("stage", {})}}
+    return trained, recipes
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -218,6 +246,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--modes", default="learned,routed", help="PACA modes to score the model with")
     p.add_argument("--ablation", default=None, metavar="BASE_RUN",
                    help="also train and score the ablation variants, starting from this training run's stage 0")
+    p.add_argument("--ablation-runs", default=None, metavar="FOLDER",
+                   help="score ablation variants already trained (e.g. on a GPU machine): FOLDER/{global,paca,uniform,"
+                        "onestage} are finished run folders; nothing is trained")
     p.add_argument("--ablation-dataset", default=None, help="training dataset of the variants (default: the base run's)")
     p.add_argument("--ablation-out", default="runs/ablation")
     p.add_argument("--stage1-steps", type=int, default=300)
@@ -227,6 +258,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", default=None, help="write the figures as JSON")
     p.add_argument("--save-samples", default=None, help="write a few generated clips per row here")
     args = p.parse_args(argv[1:])
+    if args.ablation and args.ablation_runs:
+        p.error("--ablation trains the variants and --ablation-runs scores trained ones; pass one of them")
 
     from .defaults import load_default_models
     from .pipeline import load_model_folder
@@ -268,6 +301,17 @@ def main(argv: list[str]) -> int:
         print(format_table(abl["rows"], f"Ablation (mini scale: shared stage-0 backbone, stage 1 {args.stage1_steps} "
                                         f"steps, stage 2 {args.stage2_steps} steps, fewer than the shipped model; "
                                         f"{abl_steps} sampling steps)"))
+    if args.ablation_runs:
+        abl_steps = args.ablation_sample_steps or steps
+        trained, recipes = load_ablation_runs(Path(args.ablation_runs))
+        rows = score_ablation(trained, test_set, clips=args.clips, steps=abl_steps, text_cfg=text_cfg,
+                              audio_cfg=audio_cfg, shift=shift)
+        result["ablation"] = {"rows": rows, "runs": args.ablation_runs, "recipes": recipes}
+        paca = recipes["paca"]
+        print()
+        print(format_table(rows, f"Ablation (variants trained in {args.ablation_runs}: stages "
+                                 f"{'/'.join(str(v) for v in paca['steps'].values())} steps at batch "
+                                 f"{paca['batch_size']}; {abl_steps} sampling steps)"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default))

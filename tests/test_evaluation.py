@@ -64,3 +64,18 @@ def test_vae_reconstruction_row_scores_the_clips_through_the_models_vae(tmp_path
     row = evaluation.score_reconstruction(tiny_models(), test_set)  # an untrained VAE destroys the frames
     assert row["clips"] == 1
     assert row["hit_at_segment"] < truth["hit_at_segment"] or row["identity_dist"] > truth["identity_dist"] + 10
+
+
+def test_ablation_runs_folder_names_the_missing_variants(tmp_path):
+    from actavatar_core.errors import ActAvatarError
+
+    (tmp_path / "paca").mkdir()
+    (tmp_path / "paca" / "config.json").write_text("{}")
+    with pytest.raises(ActAvatarError, match=r"lacks the ablation variant run\(s\) \['global', 'onestage', 'uniform'\]"):
+        evaluation.load_ablation_runs(tmp_path)
+
+
+def test_bench_refuses_training_and_loading_the_ablation_at_once(capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["bench", "--ablation", "runs/mini", "--ablation-runs", "runs/gpu"])
+    assert "pass one of them" in capsys.readouterr().err

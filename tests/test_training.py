@@ -323,3 +323,31 @@ def test_vae_stage_trains_the_whole_vae_and_records_latent_statistics(tmp_path, 
     assert len(vae.config.latents_mean) == len(vae.config.latents_std) == vae.config.z_dim
     assert min(vae.config.latents_std) > 0
     assert (tmp_path / "run" / "models" / "vae_trained" / "config.json").is_file()
+
+
+def test_a_finished_run_reloads_from_its_folder_alone(tmp_path, dataset):
+    """load_trained_run needs no dataset or cache: runs trained on another machine are scored this way."""
+    import shutil
+
+    from actavatar_core.errors import ActAvatarError
+    from actavatar_core.training.recipe import load_trained_run
+
+    cfg = _cfg(tmp_path, dataset, stages=["stage0", "stage2"], checkpoint_every=0)
+    trained = run_training(cfg, progress=False, log=lambda m: None)["models"].transformer.state_dict()
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(cfg.output_dir, moved, ignore=shutil.ignore_patterns("cache"))
+    shutil.rmtree(cfg.cache_dir)
+    loaded = load_trained_run(moved).transformer.state_dict()
+    assert trained.keys() == loaded.keys()
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained)
+    (moved / "stage2" / "done.json").unlink()
+    with pytest.raises(ActAvatarError, match="has not finished stage2"):
+        load_trained_run(moved)
+
+
+def test_config_json_round_trips(tmp_path, dataset):
+    from actavatar_core.training.config import TrainConfig
+
+    cfg = _cfg(tmp_path, dataset, stage2={"steps": 7, "prompt": "global", "schedule": "cosine", "motion_weight": 2.0})
+    again = TrainConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    assert again == cfg and again.stage_config("stage2").motion_weight == 2.0

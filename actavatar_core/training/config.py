@@ -107,6 +107,13 @@ class TrainConfig:
         out["stage"] = {k: asdict(v) for k, v in self.stage.items()}
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        """The inverse of :meth:`to_json` (a run folder's ``config.json``)."""
+        values = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        values["stage"] = {k: StageConfig(**v) for k, v in data.get("stage", {}).items()}
+        return cls(**values)
+
 
 def load_config(path: "str | os.PathLike", overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a JSON config; relative paths in it are taken relative to the current folder (run from the repo root)."""

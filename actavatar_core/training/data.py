@@ -112,14 +112,16 @@ def encode_clip(ann: Annotation, vae: Any, text_encoder: Any, tokenizer: Any, au
     caption = encode_plain(text_encoder, tokenizer, ann.caption, text_len=text_len)
     flat = encode_plain(text_encoder, tokenizer, global_prompt(ann.script), text_len=text_len)
     phased = encode_script(text_encoder, tokenizer, ann.script, text_len=text_len)
-    return {
-        "latents": latents.float().contiguous(),
-        "audio": emb.features[0].float().contiguous(),
-        "text_caption": caption.embeds[0, : caption.length].float().contiguous(),
-        "text_global": flat.embeds[0, : flat.length].float().contiguous(),
-        "text_phased": phased.embeds[0, : phased.length].float().contiguous(),
-        "ids_phased": phased.block_ids[0, : phased.length].contiguous(),
+    tensors = {
+        "latents": latents,
+        "audio": emb.features[0],
+        "text_caption": caption.embeds[0, : caption.length],
+        "text_global": flat.embeds[0, : flat.length],
+        "text_phased": phased.embeds[0, : phased.length],
     }
+    out = {k: v.float().cpu().contiguous() for k, v in tensors.items()}  # encoders may sit on the GPU; shards are CPU
+    out["ids_phased"] = phased.block_ids[0, : phased.length].cpu().contiguous()
+    return out
 
 
 def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *, vae: Any, text_encoder: Any,

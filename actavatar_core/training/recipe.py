@@ -3,13 +3,14 @@ and the export of the trained model folder."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -208,13 +209,14 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
     clip_frames = scfg.frames
     rng = np.random.default_rng(cfg.seed)
     pool = _frame_pool(annotations)
-    vae.train()
+    device = training_device()
+    vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=scfg.lr, weight_decay=0.0)
     batch = scfg.batch_size or 2
     bar = tqdm(total=scfg.steps, desc="vae", unit="step", disable=not progress)
     ema = None
     for step in range(scfg.steps):
-        x = _clip_batch(pool, rng, batch, clip_frames, scfg.crop)
+        x = _clip_batch(pool, rng, batch, clip_frames, scfg.crop).to(device)
         # A deterministic autoencoder (the posterior mean): the diffusion model only ever sees that mean (Wan's
         # pipelines encode with the mode), and without sampling noise the small decoder learns several times faster.
         z = vae.encode(x).latent_dist.mode()
@@ -228,9 +230,11 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
     bar.close()
     vae.eval()
     with torch.no_grad():
-        zs = [vae.encode(frames_to_tensor(f[: 4 * ((len(f) - 1) // 4) + 1])).latent_dist.mode() for f in pool[:32]]
+        zs = [vae.encode(frames_to_tensor(f[: 4 * ((len(f) - 1) // 4) + 1]).to(device)).latent_dist.mode()
+              for f in pool[:32]]
         flat = torch.cat([z.transpose(0, 1).flatten(1) for z in zs], dim=1)
-        mean, std = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-3)
+        mean, std = flat.mean(dim=1).cpu(), flat.std(dim=1).clamp_min(1e-3).cpu()
+    vae.to("cpu")  # the transformer stages need the GPU memory; preprocessing moves the VAE back when it encodes
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     vae.save_pretrained(folder)
     log(f"vae: trained {scfg.steps} steps, final loss {ema:.4f}")
@@ -263,14 +267,15 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    vae.eval()  # no dropout or norm statistics to update; eval keeps the frozen encoder exactly as cached
+    device = training_device()
+    vae.to(device).eval()  # no dropout or norm statistics to update; eval keeps the frozen encoder exactly as cached
     opt = torch.optim.AdamW(trainable, lr=scfg.lr, weight_decay=0.0)
     factor = lr_factor(min(50, scfg.steps // 10), scfg.steps, scfg.schedule)
     batch = scfg.batch_size or 1
     bar = tqdm(total=scfg.steps, desc="vae_decoder", unit="step", disable=not progress)
     ema = None
     for step in range(scfg.steps):
-        x = _clip_batch(pool, rng, batch, scfg.frames, scfg.crop)
+        x = _clip_batch(pool, rng, batch, scfg.frames, scfg.crop).to(device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
         recon = vae.decode(z).sample
@@ -284,7 +289,7 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
     bar.close()
     for p in vae.parameters():
         p.requires_grad_(True)
-    vae.eval()
+    vae.to("cpu").eval()
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
@@ -305,6 +310,31 @@ def ensure_dataset(cfg: TrainConfig, log: Callable[[str], None] = print) -> None
     write_dataset(cfg.dataset, clips=int(s.get("clips", 100)), seed=int(s.get("seed", 0)), size=int(s.get("size", 128)),
                   fps=float(s.get("fps", 25.0)), duration=tuple(duration) if isinstance(duration, list) else duration,
                   split=s.get("split", "train"), workers=int(s.get("workers", 1)), voice=s.get("voice", "synthetic"))
+
+
+def training_device() -> torch.device:
+    """The GPU of this process (torchrun's LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def frozen_encoders_on_accelerator(*modules: torch.nn.Module) -> Iterator[None]:
+    """Encode the cache on the GPU when there is one (the real Wan VAE is far too slow on a CPU), then hand the
+    memory back to training: the encoders return to the CPU afterwards, since the stages never run them."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    device = training_device()
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to("cpu")
+        torch.cuda.empty_cache()
 
 
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
@@ -329,10 +359,11 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
         models.vae = train_vae_decoder(cfg, models.vae, annotations, log, progress)
         report["stages"]["vae_decoder"] = {"seconds": round(time.time() - t0, 1)}
     t0 = time.time()
-    cache = preprocess(annotations, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder,
-                       tokenizer=models.tokenizer, audio_encoder=models.audio_encoder, audio_config=models.audio_config,
-                       text_len=cfg.text_len, window=transformer.config.audio_window, shard_size=cfg.shard_size,
-                       progress=progress)
+    with frozen_encoders_on_accelerator(models.vae, models.text_encoder, models.audio_encoder):
+        cache = preprocess(annotations, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder,
+                           tokenizer=models.tokenizer, audio_encoder=models.audio_encoder,
+                           audio_config=models.audio_config, text_len=cfg.text_len,
+                           window=transformer.config.audio_window, shard_size=cfg.shard_size, progress=progress)
     report["preprocess_seconds"] = round(time.time() - t0, 1)
     dataset = CachedClips(cache)
     previous = None
@@ -352,6 +383,33 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
     report["seconds"] = round(time.time() - started, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return {"report": report, "models": models}
+
+
+def load_trained_run(run_dir: "str | Path") -> ActAvatarModels:
+    """A finished run's model straight from its folder (``config.json``, ``models/`` and the last stage's weights),
+    without its dataset or cache: how runs trained on another machine (a lent GPU, a cluster) are scored here."""
+    from ..errors import ActAvatarError
+    from .config import TrainConfig
+
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise ActAvatarError(f"'{run}' has no config.json, so it is not a training run folder.",
+                             "Point at the output_dir of an `actavatar train` run.")
+    cfg = TrainConfig.from_json(json.loads((run / "config.json").read_text()))
+    cfg.output_dir = str(run)
+    stages = [s for s in cfg.stages if s not in ("vae", "vae_decoder")]
+    if not stages or not (run / stages[-1] / "done.json").is_file():
+        raise ActAvatarError(f"'{run}' has not finished {stages[-1] if stages else 'any transformer stage'}.",
+                             "Finish the run (actavatar train resumes it) before scoring it.")
+    if cfg.stage_config(stages[-1]).train == "lora":
+        raise ActAvatarError(f"'{run}' ends in a LoRA stage, which this loader does not merge.",
+                             "Score its exported model folder instead (bench method --model).")
+    if cfg.models.get("init", "mini-scratch") == "mini-scratch" and not (models_dir(cfg) / "spiece.model").is_file():
+        raise ActAvatarError(f"'{run}' lacks its encoders (models/spiece.model).", "Copy the run's models/ folder too.")
+    models, transformer = build_models(cfg, [], log=lambda _msg: None)
+    load_stage_weights(transformer, run / stages[-1])
+    models.transformer = transformer.eval()
+    return models
 
 
 def make_validator(cfg: TrainConfig, models: ActAvatarModels, ann: Annotation) -> Callable[[str, int, Any], Path] | None:
