@@ -340,31 +340,42 @@ def frozen_encoders_on_accelerator(*modules: torch.nn.Module) -> Iterator[None]:
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
                  on_checkpoint: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run every configured stage in order (finished stages are skipped, an interrupted one resumes)."""
+    from accelerate import PartialState
+
     from .trainer import StageRunner
 
     started = time.time()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-    ensure_dataset(cfg, log)
-    annotations = read_annotations(cfg.dataset)
-    models, transformer = build_models(cfg, annotations, log)
-    report: dict[str, Any] = {"name": cfg.name, "clips": len(annotations), "stages": {}}
-    if "vae" in cfg.stages:
+    # One process, or this rank under torchrun / accelerate launch; cpu=True is what makes accelerate use gloo on a
+    # machine without CUDA (and the state is shared with the stages' Accelerator, so it must agree with it).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    report: dict[str, Any] = {"name": cfg.name, "stages": {}}
+    # Rank 0 writes the dataset, the encoders, the VAE stages and the cache; the other ranks then find them made
+    # (and load them) instead of racing it to the same files.
+    with state.main_process_first():
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+            ensure_dataset(cfg, log)
+        annotations = read_annotations(cfg.dataset)
+        report["clips"] = len(annotations)
+        models, transformer = build_models(cfg, annotations, log)
+        if "vae" in cfg.stages:
+            t0 = time.time()
+            models.vae = train_vae(cfg, models.vae, annotations, log, progress)
+            report["stages"]["vae"] = {"seconds": round(time.time() - t0, 1)}
+        if "vae_decoder" in cfg.stages:
+            t0 = time.time()
+            models.vae = train_vae_decoder(cfg, models.vae, annotations, log, progress)
+            report["stages"]["vae_decoder"] = {"seconds": round(time.time() - t0, 1)}
         t0 = time.time()
-        models.vae = train_vae(cfg, models.vae, annotations, log, progress)
-        report["stages"]["vae"] = {"seconds": round(time.time() - t0, 1)}
-    if "vae_decoder" in cfg.stages:
-        t0 = time.time()
-        models.vae = train_vae_decoder(cfg, models.vae, annotations, log, progress)
-        report["stages"]["vae_decoder"] = {"seconds": round(time.time() - t0, 1)}
-    t0 = time.time()
-    with frozen_encoders_on_accelerator(models.vae, models.text_encoder, models.audio_encoder):
-        cache = preprocess(annotations, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder,
-                           tokenizer=models.tokenizer, audio_encoder=models.audio_encoder,
-                           audio_config=models.audio_config, text_len=cfg.text_len,
-                           window=transformer.config.audio_window, shard_size=cfg.shard_size, progress=progress)
-    report["preprocess_seconds"] = round(time.time() - t0, 1)
+        with frozen_encoders_on_accelerator(models.vae, models.text_encoder, models.audio_encoder):
+            cache = preprocess(annotations, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder,
+                               tokenizer=models.tokenizer, audio_encoder=models.audio_encoder,
+                               audio_config=models.audio_config, text_len=cfg.text_len,
+                               window=transformer.config.audio_window, shard_size=cfg.shard_size,
+                               progress=progress and state.is_main_process)
+        report["preprocess_seconds"] = round(time.time() - t0, 1)
     dataset = CachedClips(cache)
     previous = None
     validator = make_validator(cfg, models, annotations[0])
@@ -381,7 +392,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
         load_stage_weights(transformer, out / previous)
     models.transformer = transformer.eval()
     report["seconds"] = round(time.time() - started, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if state.is_main_process:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
     return {"report": report, "models": models}
 
 

@@ -248,6 +248,7 @@ class StageRunner:
                                    lora_state=lora_state, lora_config=lora_cfg)
             (self.dir / "done.json").write_text(json.dumps(summary, indent=2))
             self.ckpt.unlink(missing_ok=True)
+        acc.wait_for_everyone()  # the other ranks load these weights for the next stage: wait until they exist
         self.model = unwrapped
         return summary
 
