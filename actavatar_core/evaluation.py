@@ -136,6 +136,8 @@ ABLATION_ROWS = [
     ("PACA routed (ours)", "paca", "routed", True),
     ("PACA learned, uniform audio", "uniform", "learned", True),
     ("PACA learned, one-stage", "onestage", "learned", True),
+    # our claim for routing: it steers weights never trained for phases (the global variant's)
+    ("PACA routed on the global variant (ours, untrained for phases)", "global", "routed", True),
 ]
 
 

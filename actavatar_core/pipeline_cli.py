@@ -106,7 +106,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     options = SamplingOptions(
         steps=pick(args.steps, "steps", 40), text_cfg=pick(args.text_cfg, "text_cfg", 5.0),
         audio_cfg=pick(args.audio_cfg, "audio_cfg", 5.0), shift=pick(args.shift, "shift", 5.0), sampler=args.sampler,
-        seed=args.seed, paca_mode=pick(args.paca_mode, "paca_mode", "routed"), feather=args.feather)
+        seed=args.seed, paca_mode=pick(args.paca_mode, "paca_mode", "learned"), feather=args.feather)
     request = GenerationRequest(image=image, audio=audio, phases=phases, width=pick(args.width, "width", 704),
                                 height=pick(args.height, "height", 1280), fps=pick(args.fps, "fps", DEFAULT_FPS),
                                 num_frames=args.frames, negative=pick(args.negative, "negative", None), options=options)

@@ -34,7 +34,7 @@ class SamplingOptions:
     shift: float = 5.0
     sampler: str = "unipc"
     seed: int = 0
-    paca_mode: str = "routed"
+    paca_mode: str = "learned"  # the paper's PACA; "routed" is our opt-in extension
     feather: float = 0.0
     audio_strength: float = 1.0
 

@@ -61,8 +61,9 @@ class ActAvatarSampler:
                                 "tooltip": "Flow-matching timestep shift (Wan2.2 TI2V uses 5)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
             "sampler": (SAMPLERS, {"default": "unipc"}),
-            "paca_mode": (PACA_MODES, {"default": "routed", "tooltip": "routed: each frame only sees its active "
-                                       "phases (PACA); learned: phase embeddings only; global: plain prompt."}),
+            "paca_mode": (PACA_MODES, {"default": "learned", "tooltip": "learned: the paper's PACA (phase "
+                                       "embeddings); routed: ours, each frame also sees only its active phases (scores "
+                                       "lower on the mini model); global: plain prompt."}),
             "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 8.0, "step": 0.25,
                                   "tooltip": "Soft phase boundaries, in latent frames (0 = hard switch)."}),
             "audio_schedule": (AUDIO_SCHEDULES, {"default": "trained", "tooltip": "Depth schedule of the audio "
@@ -84,7 +85,7 @@ class ActAvatarSampler:
 
     def sample(self, model, conditioning, audio_embeds, image, vae, width: int, height: int, frames: int = 0,
                steps: int = 40, text_cfg: float = 5.0, audio_cfg: float = 5.0, shift: float = 5.0, seed: int = 0,
-               sampler: str = "unipc", paca_mode: str = "routed", feather: float = 0.0,
+               sampler: str = "unipc", paca_mode: str = "learned", feather: float = 0.0,
                audio_schedule: str = "trained", audio_gamma: float = 1.5):
         from actavatar_core.phases import latent_frame_count
         from actavatar_core.sampling import Conditioning, SamplingOptions, build_routing, sample

@@ -211,7 +211,7 @@ def test_node_chain_equals_the_pipeline_bit_for_bit(tiny_models, portrait, speec
     latent, fps, clip_audio, frames, _ = run_chain(tiny_models, audio, comfy_image(portrait))
     reference = ActAvatarPipeline(tiny_models).generate(GenerationRequest(
         image=portrait, audio=audio, phases=SCRIPT, width=64, height=64, fps=25,
-        options=SamplingOptions(steps=2, seed=1)))
+        options=SamplingOptions(steps=2, seed=1, paca_mode=SAMPLER_DEFAULTS["paca_mode"])))
     assert frames.shape == (33, 64, 64, 3) and frames.dtype == torch.float32
     assert np.array_equal((frames.numpy() * 255).round().astype(np.uint8), reference.frames)
     assert fps == 25.0 and latent["samples"].shape == (1, 48, 9, 4, 4)

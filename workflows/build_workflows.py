@@ -48,7 +48,7 @@ def sampler_settings() -> dict[str, Any]:
     d = json.loads(MINI_MODEL_JSON.read_text())["info"]["defaults"]
     return {"width": int(d["width"]), "height": int(d["height"]), "steps": int(d["steps"]),
             "text_cfg": float(d["text_cfg"]), "audio_cfg": float(d["audio_cfg"]), "shift": float(d["shift"]),
-            "paca_mode": d.get("paca_mode", "routed"), "fps": float(d["fps"])}
+            "paca_mode": d.get("paca_mode", "learned"), "fps": float(d["fps"])}
 
 
 #: Core nodes used by the workflows: (widget names in UI order, UI-only widget placeholders, socket inputs,
