@@ -206,7 +206,7 @@ def load_ablation_runs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Variants trained elsewhere (one finished run folder per variant, named as in :data:`ABLATION_ROWS`), with a
     summary of how each was trained for the table's caption."""
     from .errors import ActAvatarError
-    from .training.recipe import load_trained_run
+    from .training.recipe import load_trained_run, read_run_config
 
     names = sorted({variant for _, variant, _, _ in ABLATION_ROWS})
     missing = [n for n in names if not (folder / n / "config.json").is_file()]
@@ -216,9 +216,9 @@ def load_ablation_runs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     trained, recipes = {}, {}
     for name in names:
         trained[name] = load_trained_run(folder / name)
-        cfg = json.loads((folder / name / "config.json").read_text())
-        recipes[name] = {"batch_size": cfg.get("batch_size"),
-                         "steps": {s: cfg["stage"][s]["steps"] for s in cfg["stages"] if s in cfg.get("stage", {})}}
+        cfg = read_run_config(folder / name)
+        recipes[name] = {"batch_size": cfg.batch_size,
+                         "steps": {s: cfg.stage_config(s).steps for s in cfg.stages if s in cfg.stage}}
     return trained, recipes
 
 

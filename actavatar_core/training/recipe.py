@@ -323,10 +323,10 @@ def training_device() -> torch.device:
 def frozen_encoders_on_accelerator(*modules: torch.nn.Module) -> Iterator[None]:
     """Encode the cache on the GPU when there is one (the real Wan VAE is far too slow on a CPU), then hand the
     memory back to training: the encoders return to the CPU afterwards, since the stages never run them."""
-    if not torch.cuda.is_available():
+    device = training_device()
+    if device.type == "cpu":
         yield
         return
-    device = training_device()
     for m in modules:
         m.to(device)
     try:
@@ -397,11 +397,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
     return {"report": report, "models": models}
 
 
-def load_trained_run(run_dir: "str | Path") -> ActAvatarModels:
-    """A finished run's model straight from its folder (``config.json``, ``models/`` and the last stage's weights),
-    without its dataset or cache: how runs trained on another machine (a lent GPU, a cluster) are scored here."""
+def read_run_config(run_dir: "str | Path") -> TrainConfig:
+    """The config a run folder was trained with (its ``config.json``), pointed at where the folder is now."""
     from ..errors import ActAvatarError
-    from .config import TrainConfig
 
     run = Path(run_dir)
     if not (run / "config.json").is_file():
@@ -409,6 +407,16 @@ def load_trained_run(run_dir: "str | Path") -> ActAvatarModels:
                              "Point at the output_dir of an `actavatar train` run.")
     cfg = TrainConfig.from_json(json.loads((run / "config.json").read_text()))
     cfg.output_dir = str(run)
+    return cfg
+
+
+def load_trained_run(run_dir: "str | Path") -> ActAvatarModels:
+    """A finished run's model straight from its folder (``config.json``, ``models/`` and the last stage's weights),
+    without its dataset or cache: how runs trained on another machine (a lent GPU, a cluster) are scored here."""
+    from ..errors import ActAvatarError
+
+    run = Path(run_dir)
+    cfg = read_run_config(run)
     stages = [s for s in cfg.stages if s not in ("vae", "vae_decoder")]
     if not stages or not (run / stages[-1] / "done.json").is_file():
         raise ActAvatarError(f"'{run}' has not finished {stages[-1] if stages else 'any transformer stage'}.",
