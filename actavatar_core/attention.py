@@ -9,7 +9,8 @@ Modes (see ``PACA_MODES``):
 * ``routed``  - our extension: as ``learned``, and each latent frame attends only to the base block and the phases
   active at its time. Frames that share an active set form contiguous runs of video tokens; each run runs one
   scaled-dot-product attention against its own key subset. No dense mask is built, so time and memory stay those
-  of plain cross-attention.
+  of plain cross-attention. Training batches, whose clips have their own windows, use :class:`BatchRouting`
+  (one boolean mask per sample) instead.
 * ``routed`` with ``feather=N`` - frames within N/2 latent frames of a phase boundary blend the outputs of the
   sets before and after the boundary with a linear ramp, so actions do not switch on a hard cut.
 
@@ -129,6 +130,44 @@ class PhaseRouting:
         return self._runs[key]
 
 
+@dataclass
+class BatchRouting:
+    """Hard ``routed`` PACA for a batch whose clips follow different phase scripts (training).
+
+    :class:`PhaseRouting` shares one frame-to-phase map across the batch, as sampling needs. A training batch mixes
+    clips with their own windows, so here each sample carries its own map: ``visible`` is (B, F, S), whether latent
+    frame f of sample b may see text token s (base block and padding always; phase k only while k is active). The
+    attention runs once with a boolean mask built from it, which is cheap at the short text lengths of training.
+    """
+
+    visible: torch.Tensor
+
+    @classmethod
+    def build(cls, block_ids: torch.Tensor, active: Sequence[Sequence[frozenset[int]]]) -> "BatchRouting":
+        """``block_ids`` (B, S) as in :class:`PhaseRouting`; ``active[b][f]`` the phases active at latent frame f of
+        sample b (one list per sample, all of the same length)."""
+        if len(active) != block_ids.shape[0]:
+            raise ValueError(f"{len(active)} frame-to-phase maps for a batch of {block_ids.shape[0]}")
+        frames = {len(a) for a in active}
+        if len(frames) != 1:
+            raise ValueError(f"samples of one batch cover different latent frame counts: {sorted(frames)}")
+        visible = torch.zeros(block_ids.shape[0], frames.pop(), block_ids.shape[1], dtype=torch.bool)
+        for b, per_frame in enumerate(active):
+            ids = block_ids[b].cpu()
+            for f, phases in enumerate(per_frame):
+                visible[b, f] = torch.isin(ids, torch.tensor(sorted({0} | set(phases)), dtype=ids.dtype))
+        return cls(visible)
+
+    @property
+    def num_frames(self) -> int:
+        return self.visible.shape[1]
+
+    def mask(self, token_frame: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(B, 1, N, S) boolean attention mask for the video tokens whose latent frames are ``token_frame``."""
+        frames = token_frame.reshape(-1).to(self.visible.device)
+        return self.visible[:, frames][:, None].to(device)
+
+
 def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor):
     """Q, K, V in (B, S, H, D) with Wan's RMS norms, honouring fused projections."""
     if getattr(attn, "fused_projections", False):
@@ -169,13 +208,16 @@ class PACAProcessor:
     _parallel_config = None
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, rotary_emb=None, routing: PhaseRouting | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb=None,
+                 routing: "PhaseRouting | BatchRouting | None" = None,
                  token_frame: torch.Tensor | None = None) -> torch.Tensor:
         if attn.add_k_proj is not None:
             raise ValueError("PACA supports Wan text-to-video/TI2V cross-attention (no CLIP image branch).")
         query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         if routing is None or token_frame is None:
             out = _attend(query, key, value, self._attention_backend, attn_mask=attention_mask)
+        elif isinstance(routing, BatchRouting):
+            out = _attend(query, key, value, self._attention_backend, attn_mask=routing.mask(token_frame, query.device))
         else:
             out = routed_attention(query, key, value, routing, token_frame, self._attention_backend)
         out = out.flatten(2, 3).type_as(query)

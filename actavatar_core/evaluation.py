@@ -133,7 +133,8 @@ ABLATION_ROWS = [
     # (row, variant trained, inference PACA mode, phased prompt)
     ("Global prompt (no PACA)", "global", "global", False),
     ("PACA learned (paper)", "paca", "learned", True),
-    ("PACA routed (ours)", "paca", "routed", True),
+    ("PACA routed (ours, trained routed)", "routed", "routed", True),
+    ("PACA routed at inference only (the learned variant)", "paca", "routed", True),
     ("PACA learned, uniform audio", "uniform", "learned", True),
     ("PACA learned, one-stage", "onestage", "learned", True),
     # our claim for routing: it steers weights never trained for phases (the global variant's)
@@ -154,6 +155,7 @@ def ablation_configs(base_run: Path, dataset: Path, out: Path, stage1_steps: int
     variants = {
         "global": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": {**s2, "prompt": "global"}},
         "paca": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": s2},
+        "routed": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": s2, "paca_mode": "routed"},
         "uniform": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": s2, "audio_schedule": "uniform"},
         "onestage": {"stages": ["stage0", "stage2"], "stage2": {**s2, "steps": stage1_steps + stage2_steps}},
     }
@@ -194,7 +196,8 @@ def run_ablation(base_run: Path, dataset: Path, test_set: Path, out: Path, *, st
 
 def score_ablation(trained: dict[str, Any], test_set: Path, *, clips: int, steps: int, text_cfg: float,
                    audio_cfg: float, shift: float, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """The Table-4 rows of trained variants (``{"global": models, "paca": ..., "uniform": ..., "onestage": ...}``)."""
+    """The Table-4 rows of trained variants (``{"global": models, "paca": ..., "routed": ..., "uniform": ...,
+    "onestage": ...}``)."""
     rows = {}
     for row, variant, mode, phased in ABLATION_ROWS:
         rows.update(evaluate_model(trained[variant], test_set, modes=[(row, mode, phased)], clips=clips, steps=steps,
@@ -249,8 +252,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ablation", default=None, metavar="BASE_RUN",
                    help="also train and score the ablation variants, starting from this training run's stage 0")
     p.add_argument("--ablation-runs", default=None, metavar="FOLDER",
-                   help="score ablation variants already trained (e.g. on a GPU machine): FOLDER/{global,paca,uniform,"
-                        "onestage} are finished run folders; nothing is trained")
+                   help="score ablation variants already trained (e.g. on a GPU machine): FOLDER/{global,paca,routed,"
+                        "uniform,onestage} are finished run folders; nothing is trained")
     p.add_argument("--ablation-dataset", default=None, help="training dataset of the variants (default: the base run's)")
     p.add_argument("--ablation-out", default="runs/ablation")
     p.add_argument("--stage1-steps", type=int, default=300)

@@ -35,7 +35,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from .adapter import AudioProjection, audio_scales
-from .attention import PACA_MODES, FrameAudioProcessor, PACAProcessor, PhaseRouting, token_frame_index
+from .attention import PACA_MODES, BatchRouting, FrameAudioProcessor, PACAProcessor, PhaseRouting, token_frame_index
 from .errors import WeightsError
 
 WEIGHTS_FORMAT = "actavatar"
@@ -77,7 +77,7 @@ class ActAvatarBlock(WanTransformerBlock):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 rotary_emb: Any, audio_tokens: torch.Tensor | None = None, token_frame: torch.Tensor | None = None,
-                routing: PhaseRouting | None = None, audio_scale: float = 0.0) -> torch.Tensor:
+                routing: PhaseRouting | BatchRouting | None = None, audio_scale: float = 0.0) -> torch.Tensor:
         if temb.ndim == 4:
             mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
             shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (m.squeeze(2) for m in mods)
@@ -201,7 +201,7 @@ class ActAvatarTransformer(WanTransformer3DModel):
         encoder_hidden_states: torch.Tensor,
         phase_ids: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
-        routing: PhaseRouting | None = None,
+        routing: PhaseRouting | BatchRouting | None = None,
         paca_mode: str = "learned",
         audio_strength: float = 1.0,
         return_dict: bool = True,
@@ -211,7 +211,8 @@ class ActAvatarTransformer(WanTransformer3DModel):
         """Predict the flow velocity.
 
         ``phase_ids`` (B, S) are the text tokens' block ids; ``audio_features`` (B, F, W, L, C) the wav2vec2
-        windows per latent frame (None: no audio); ``routing`` the frame-to-phase routing used in ``routed`` mode;
+        windows per latent frame (None: no audio); ``routing`` the frame-to-phase routing used in ``routed`` mode (a
+        :class:`BatchRouting` when the samples follow different scripts);
         ``audio_strength`` scales every audio residual on top of the depth schedule (0 turns audio off).
         """
         if paca_mode not in PACA_MODES:

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
-from actavatar_core.attention import FrameAudioProcessor, PACAProcessor, PhaseRouting, frame_mixtures, token_frame_index
+from actavatar_core.attention import (BatchRouting, FrameAudioProcessor, PACAProcessor, PhaseRouting, frame_mixtures,
+                                      token_frame_index)
 from actavatar_core.phases import PhaseScript, latent_frame_times
 from actavatar_core.sampling import build_routing
 
@@ -80,6 +81,32 @@ def test_per_sample_layouts_use_a_key_mask(attn):
                           token_frame=token_frame_index(FRAMES, HW))
     torch.testing.assert_close(out[:1], _dense_reference(attn, x, ctx, ids, active), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1:], WanAttnProcessor()(attn, x, ctx), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_batch_routing_gives_each_sample_its_own_windows(attn):
+    """Training batches mix clips with their own scripts: each sample must equal its own single-clip routed output."""
+    x, ctx, ids = _inputs()
+    x2, ctx2, _ = _inputs(seed=2)
+    first = [frozenset({1})] * 3 + [frozenset({2})] * 3
+    second = [frozenset()] * 2 + [frozenset({2})] * 2 + [frozenset({1})] * 2
+    routing = BatchRouting.build(torch.cat([ids, ids]), [first, second])
+    tf = token_frame_index(FRAMES, HW)
+    out = PACAProcessor()(attn, torch.cat([x, x2]), torch.cat([ctx, ctx2]), routing=routing, token_frame=tf)
+    for b, (xs, cs, active) in enumerate([(x, ctx, first), (x2, ctx2, second)]):
+        alone = PACAProcessor()(attn, xs, cs, routing=PhaseRouting.build(ids, active), token_frame=tf)
+        torch.testing.assert_close(out[b : b + 1], alone, rtol=1e-5, atol=1e-5)
+    # base (0-3) and padding (14-19) stay visible; phase 2 (9-13) is hidden from the first sample's frame 0
+    assert routing.visible[0, 0, :4].all() and routing.visible[0, 0, 14:].all() and not routing.visible[0, 0, 9:14].any()
+    assert routing.visible[1, 0, 4:14].sum() == 0 and routing.visible[1, 5, 4:9].all()
+
+
+def test_batch_routing_rejects_mismatched_maps():
+    ids = torch.zeros(2, TEXT, dtype=torch.long)
+    with pytest.raises(ValueError, match="frame-to-phase maps for a batch of 2"):
+        BatchRouting.build(ids, [[frozenset()] * FRAMES])
+    with pytest.raises(ValueError, match="different latent frame counts"):
+        BatchRouting.build(ids, [[frozenset()] * FRAMES, [frozenset()] * (FRAMES - 1)])
 
 
 def test_feather_blends_only_near_boundaries():

@@ -16,7 +16,10 @@ def test_ablation_variants_differ_only_where_the_paper_table_says(tmp_path):
         "text_len": 64, "batch_size": 2, "shift": 3.0, "seed": 0, "models": {"init": "mini-scratch"},
         "stage": {"stage1": {"lr": 5e-4}, "stage2": {"lr": 3e-4, "schedule": "cosine"}}}))
     cfgs = evaluation.ablation_configs(base, tmp_path / "data", tmp_path / "out", 30, 60)
-    assert set(cfgs) == {"global", "paca", "uniform", "onestage"}
+    assert set(cfgs) == {"global", "paca", "routed", "uniform", "onestage"}
+    assert cfgs["routed"]["paca_mode"] == "routed" and "paca_mode" not in cfgs["paca"]
+    assert {k: v for k, v in cfgs["routed"].items() if k not in ("paca_mode", "name", "output_dir")} == \
+        {k: v for k, v in cfgs["paca"].items() if k not in ("name", "output_dir")}
     assert cfgs["global"]["stage2"]["prompt"] == "global" and cfgs["paca"]["stage2"]["prompt"] == "phased"
     assert cfgs["uniform"]["audio_schedule"] == "uniform" and "audio_schedule" not in cfgs["paca"]
     assert cfgs["onestage"]["stages"] == ["stage0", "stage2"] and cfgs["onestage"]["stage2"]["steps"] == 90
@@ -71,7 +74,7 @@ def test_ablation_runs_folder_names_the_missing_variants(tmp_path):
 
     (tmp_path / "paca").mkdir()
     (tmp_path / "paca" / "config.json").write_text("{}")
-    with pytest.raises(ActAvatarError, match=r"lacks the ablation variant run\(s\) \['global', 'onestage', 'uniform'\]"):
+    with pytest.raises(ActAvatarError, match=r"lacks the ablation variant run\(s\) \['global', 'onestage', 'routed', 'uniform'\]"):
         evaluation.load_ablation_runs(tmp_path)
 
 

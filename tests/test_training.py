@@ -119,6 +119,42 @@ def test_checkpoint_resumes_to_the_same_state(tmp_path, dataset):
     assert (tmp_path / "killed" / "run" / "samples" / "stage2_000006.mp4").is_file()
 
 
+def test_routed_stage2_attends_through_each_clips_own_windows(tmp_path, dataset):
+    from actavatar_core.training.flow import flow_matching_loss
+
+    cfg = _cfg(tmp_path, dataset, stages=["stage2"], paca_mode="routed", batch_size=3, caption_dropout=0.0,
+               audio_dropout=0.0, checkpoint_every=0)
+    result = run_training(cfg, progress=False, log=lambda m: None)
+    assert result["report"]["stages"]["stage2"]["steps"] == 4
+    data = CachedClips(cfg.cache_dir)
+    runner = StageRunner(cfg, "stage2", result["models"].transformer, data, progress=False, log=lambda m: None)
+    latents, text, ids, audio, mode, routing = runner._batch_inputs([0, 1, 2], torch.Generator().manual_seed(0),
+                                                                    torch.device("cpu"))
+    frames = latents.shape[2]
+    assert mode == "routed" and routing.visible.shape == (3, frames, cfg.text_len)
+    hidden = 0
+    for b in range(3):
+        active = data.script(b).active_phases(frames, data.fps(b))
+        for f in range(frames):
+            expected = torch.isin(ids[b], torch.tensor(sorted({0} | set(active[f]))))
+            assert torch.equal(routing.visible[b, f], expected), (b, f)
+            hidden += int((~expected).sum())
+    assert hidden > 0  # some frames of these clips really lose sight of a phase
+    model = result["models"].transformer
+
+    def loss(route):
+        return flow_matching_loss(model, latents, text, phase_ids=ids, audio=audio, shift=3.0, paca_mode="routed",
+                                  generator=torch.Generator().manual_seed(1), routing=route)
+
+    with torch.no_grad():
+        assert abs(float(loss(routing)) - float(loss(None))) > 1e-6  # the mask reaches the text attention
+
+
+def test_config_rejects_unknown_paca_mode(tmp_path):
+    with pytest.raises(ValueError, match="paca_mode must be one of"):
+        config_from_dict({"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)}, "paca_mode": "masked"})
+
+
 def test_stage2_lora_trains_adapters_and_reloads(tmp_path, dataset):
     from actavatar_core.model import build_from_weights, read_actavatar_weights
 

@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..attention import PACA_MODES
+
 STAGES = ("vae", "vae_decoder", "stage0", "stage1", "stage2")
 PROMPTS = ("caption", "global", "phased")
 SCHEDULES = ("constant", "cosine")
@@ -159,6 +161,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
     extra = sorted(set(raw) - known)
     if extra:
         raise ValueError(f"unknown config key(s): {', '.join(extra)}")
+    if raw.get("paca_mode", "learned") not in PACA_MODES:
+        raise ValueError(f"paca_mode must be one of {PACA_MODES} ('routed' trains each frame on its own phases), "
+                         f"not {raw['paca_mode']!r}")
     raw["output_dir"] = rel(raw["output_dir"])
     bad = sorted(set(raw.get("generation", {})) - GENERATION_KEYS)
     if bad:

@@ -213,6 +213,13 @@ class CachedClips(torch.utils.data.Dataset):
         item["index"] = i
         return item
 
+    def script(self, i: int) -> PhaseScript:
+        """The phase script clip ``i`` was annotated with (``routed`` training builds its routing from it)."""
+        return PhaseScript.from_json(self.entries[i]["script"])
+
+    def fps(self, i: int) -> float:
+        return float(self.entries[i]["fps"])
+
     def __getstate__(self):  # DataLoader workers reopen their own handles
         state = dict(self.__dict__)
         state["_handles"] = {}

@@ -41,8 +41,10 @@ def weighted_mean(err: torch.Tensor, weights: torch.Tensor | None) -> torch.Tens
 
 def flow_matching_loss(model: Any, latents: torch.Tensor, text: torch.Tensor, *, phase_ids: torch.Tensor | None,
                        audio: torch.Tensor | None, shift: float, generator: torch.Generator, paca_mode: str = "learned",
-                       patch_size: tuple[int, int, int] = (1, 2, 2), motion_weight: float = 0.0) -> torch.Tensor:
-    """Mean squared error of the predicted velocity on every latent frame but the first (motion-weighted if asked)."""
+                       patch_size: tuple[int, int, int] = (1, 2, 2), motion_weight: float = 0.0,
+                       routing: Any = None) -> torch.Tensor:
+    """Mean squared error of the predicted velocity on every latent frame but the first (motion-weighted if asked).
+    ``routing`` (a :class:`~actavatar_core.attention.BatchRouting`) is what ``routed`` mode attends through."""
     b, _, f, h, w = latents.shape
     device = latents.device
     sigma = shifted_sigmas(b, shift, generator).to(device)
@@ -56,7 +58,7 @@ def flow_matching_loss(model: Any, latents: torch.Tensor, text: torch.Tensor, *,
     timestep = (sigma * 1000.0)[:, None].repeat(1, f * per_frame)
     timestep[:, :per_frame] = 0.0
     pred = model(noisy, timestep, text, phase_ids=phase_ids, audio_features=audio, paca_mode=paca_mode,
-                 return_dict=False)[0]
+                 routing=routing, return_dict=False)[0]
     err = (pred[:, :, 1:].float() - target[:, :, 1:].float()).square()
     weights = motion_weights(latents[:, :, 1:].float(), motion_weight) if motion_weight > 0 else None
     return weighted_mean(err, weights)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..attention import BatchRouting
 from .config import SCHEDULES, TrainConfig
 from .data import CachedClips, iterate_forever, pad_text
 from .flow import flow_matching_loss
@@ -147,8 +148,13 @@ class StageRunner:
             keep = (torch.rand(len(items), generator=generator) >= self.cfg.audio_dropout).float()
             audio = audio * keep.view(-1, 1, 1, 1, 1)
         mode = self.cfg.paca_mode if prompt == "phased" else "global"
+        routing = None
+        if mode == "routed":  # each clip attends through its own windows (dropped captions have only block 0)
+            frames = latents.shape[2]
+            routing = BatchRouting.build(phase_ids, [self.dataset.script(i).active_phases(frames, self.dataset.fps(i))
+                                                     for i in batch_idx])
         return latents.to(device), text.to(device), (phase_ids.to(device) if prompt == "phased" else None), \
-            (audio.to(device) if audio is not None else None), mode
+            (audio.to(device) if audio is not None else None), mode, routing
 
     def run(self) -> dict[str, Any]:
         from accelerate import Accelerator
@@ -198,12 +204,12 @@ class StageRunner:
             for _ in range(cfg.grad_accum):
                 epoch, position, idx = next(batches)
                 mine = idx[rank * batch:(rank + 1) * batch]
-                latents, text, ids, audio, mode = self._batch_inputs(mine, generator, acc.device)
+                latents, text, ids, audio, mode, routing = self._batch_inputs(mine, generator, acc.device)
                 with acc.accumulate(model):
                     with acc.autocast():
                         loss = flow_matching_loss(model, latents, text, phase_ids=ids, audio=audio, shift=cfg.shift,
                                                   generator=generator, paca_mode=mode, patch_size=patch,
-                                                  motion_weight=scfg.motion_weight)
+                                                  motion_weight=scfg.motion_weight, routing=routing)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
