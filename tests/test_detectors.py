@@ -109,6 +109,18 @@ def test_left_and_right_are_told_apart_and_mirrored_gestures_are_other():
     assert detect_frame(render_frame(ident, mirrored, 0.2), cal).label == OTHER
 
 
+def test_a_frame_that_lost_the_character_reads_as_a_closed_mouth():
+    """Generated frames can lose the character; the head edge is then not found and the mouth window falls off the
+    frame. The detector must read that as no mouth (closed), not crash a 100-clip benchmark."""
+    ident = sample_identity(11)
+    reference = render_frame(ident, rest_pose(0.0, np.zeros(5)), 0.0)
+    cal = Calibration.from_reference(reference)
+    empty = np.broadcast_to(reference[:1, :1], reference.shape).copy()  # background colour only
+    det = detect_frame(empty, cal)
+    assert det.mouth == 0.0 and np.isfinite(list(det.scores.values())).all()
+    assert detect_frame(render_frame(ident, rest_pose(0.0, np.zeros(5)), 0.8), cal).mouth > 0.3  # a real mouth still reads
+
+
 def test_detector_works_at_other_sizes():
     clip = make_clip(HELD_OUT[0], size=256, split="test", voice="synthetic")
     det = detect_video(clip.frames)

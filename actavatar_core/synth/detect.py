@@ -137,6 +137,8 @@ class Calibration:
         cy = CHIN_Y - MOUTH_BELOW_CHIN + dy
         ax, ay = MOUTH_ELLIPSE
         y0, y1 = max(0, int(cy - ay) - 1), min(REF_SIZE, int(cy + ay) + 2)
+        if y1 <= y0:  # no head edge found (a generated frame lost the character): no mouth to read, call it closed
+            return 0.0
         x0, x1 = int(64 - ax) - 1, int(64 + ax) + 2
         ys, xs = np.mgrid[y0:y1, x0:x1]
         mask = ((xs + 0.5 - 64.0) / ax) ** 2 + ((ys + 0.5 - cy) / ay) ** 2 <= 1.0
