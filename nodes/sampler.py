@@ -62,8 +62,9 @@ class ActAvatarSampler:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
             "sampler": (SAMPLERS, {"default": "unipc"}),
             "paca_mode": (PACA_MODES, {"default": "learned", "tooltip": "learned: the paper's PACA (phase "
-                                       "embeddings); routed: ours, each frame also sees only its active phases (scores "
-                                       "lower on the mini model); global: plain prompt."}),
+                                       "embeddings); routed: ours, each frame also sees only its active phases (use it "
+                                       "for weights trained routed, as the bundled mini model, or never trained for "
+                                       "phases); global: plain prompt."}),
             "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 8.0, "step": 0.25,
                                   "tooltip": "Soft phase boundaries, in latent frames (0 = hard switch)."}),
             "audio_schedule": (AUDIO_SCHEDULES, {"default": "trained", "tooltip": "Depth schedule of the audio "
