@@ -158,10 +158,6 @@ class BatchRouting:
                 visible[b, f] = torch.isin(ids, torch.tensor(sorted({0} | set(phases)), dtype=ids.dtype))
         return cls(visible)
 
-    @property
-    def num_frames(self) -> int:
-        return self.visible.shape[1]
-
     def mask(self, token_frame: torch.Tensor, device: torch.device) -> torch.Tensor:
         """(B, 1, N, S) boolean attention mask for the video tokens whose latent frames are ``token_frame``."""
         frames = token_frame.reshape(-1).to(self.visible.device)

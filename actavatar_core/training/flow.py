@@ -13,9 +13,12 @@ of the frame that a plain mean lets the model neglect. The weights come from the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..attention import BatchRouting
 
 
 def shifted_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
@@ -42,7 +45,7 @@ def weighted_mean(err: torch.Tensor, weights: torch.Tensor | None) -> torch.Tens
 def flow_matching_loss(model: Any, latents: torch.Tensor, text: torch.Tensor, *, phase_ids: torch.Tensor | None,
                        audio: torch.Tensor | None, shift: float, generator: torch.Generator, paca_mode: str = "learned",
                        patch_size: tuple[int, int, int] = (1, 2, 2), motion_weight: float = 0.0,
-                       routing: Any = None) -> torch.Tensor:
+                       routing: "BatchRouting | None" = None) -> torch.Tensor:
     """Mean squared error of the predicted velocity on every latent frame but the first (motion-weighted if asked).
     ``routing`` (a :class:`~actavatar_core.attention.BatchRouting`) is what ``routed`` mode attends through."""
     b, _, f, h, w = latents.shape
