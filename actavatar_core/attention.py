@@ -75,6 +75,12 @@ def _set_at(active: Sequence[frozenset[int]], times: Sequence[float], boundary: 
     return active[candidates[0]] if candidates else active[-1]
 
 
+def visible_tokens(block_ids: torch.Tensor, active: frozenset[int]) -> torch.Tensor:
+    """Which text tokens a frame with these active phases may see: the base block (id 0, also end and padding tokens)
+    and the active phases' blocks. Same shape as ``block_ids``."""
+    return torch.isin(block_ids, torch.tensor(sorted({0} | set(active)), dtype=block_ids.dtype, device=block_ids.device))
+
+
 @dataclass
 class PhaseRouting:
     """Which text tokens each latent frame may attend to in ``routed`` mode.
@@ -101,9 +107,7 @@ class PhaseRouting:
         """Indices (shared layout) or a (B, 1, 1, S) boolean mask (per-sample layouts) of visible tokens."""
         cache_key = (active, str(device))
         if cache_key not in self._key_index:
-            ids = self.block_ids.to(device)
-            allowed = torch.tensor(sorted({0} | set(active)), device=device)
-            visible = torch.isin(ids, allowed)  # (B, S)
+            visible = visible_tokens(self.block_ids.to(device), active)  # (B, S)
             if visible.shape[0] == 1 or bool((visible == visible[:1]).all()):
                 self._key_index[cache_key] = ("index", visible[0].nonzero().squeeze(1))
             else:
@@ -153,9 +157,8 @@ class BatchRouting:
             raise ValueError(f"samples of one batch cover different latent frame counts: {sorted(frames)}")
         visible = torch.zeros(block_ids.shape[0], frames.pop(), block_ids.shape[1], dtype=torch.bool)
         for b, per_frame in enumerate(active):
-            ids = block_ids[b].cpu()
             for f, phases in enumerate(per_frame):
-                visible[b, f] = torch.isin(ids, torch.tensor(sorted({0} | set(phases)), dtype=ids.dtype))
+                visible[b, f] = visible_tokens(block_ids[b].cpu(), phases)
         return cls(visible)
 
     def mask(self, token_frame: torch.Tensor, device: torch.device) -> torch.Tensor:
