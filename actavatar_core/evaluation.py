@@ -1,6 +1,8 @@
 """``actavatar bench method``: does phase control work? Generate the held-out synthetic test set with a model and
 score it with the analytic detectors (Hit@Segment, temporal IoU, lip sync, identity), per PACA mode; with
-``--ablation`` also train the ablation variants (the rows of the paper's Table 4, at mini scale) and score them.
+``--ablation`` also train the ablation variants (the rows of the paper's Table 4, at mini scale) and score them;
+with ``--ablation-runs`` score variants trained elsewhere (all five, or those named by ``--ablation-variants``, each
+with the shipped model's guidance or, with ``--ablation-guidance run``, its own).
 
 The test set is the synthetic ``test`` split (seeds 900,000,000 and up, never used for training).
 """
@@ -195,34 +197,66 @@ def run_ablation(base_run: Path, dataset: Path, test_set: Path, out: Path, *, st
 
 
 def score_ablation(trained: dict[str, Any], test_set: Path, *, clips: int, steps: int, text_cfg: float,
-                   audio_cfg: float, shift: float, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+                   audio_cfg: float, shift: float, guidance: dict[str, tuple[float, float]] | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """The Table-4 rows of trained variants (``{"global": models, "paca": ..., "routed": ..., "uniform": ...,
-    "onestage": ...}``)."""
+    "onestage": ...}``); rows whose variant is not in ``trained`` are left out. ``guidance`` gives a variant its
+    own (text, audio) guidance, e.g. the one picked for it on the validation split; the others use ``text_cfg`` and
+    ``audio_cfg``. Each row records the guidance it was sampled with."""
     rows = {}
     for row, variant, mode, phased in ABLATION_ROWS:
-        rows.update(evaluate_model(trained[variant], test_set, modes=[(row, mode, phased)], clips=clips, steps=steps,
-                                   text_cfg=text_cfg, audio_cfg=audio_cfg, shift=shift, log=log))
+        if variant not in trained:
+            continue
+        t_cfg, a_cfg = (guidance or {}).get(variant, (text_cfg, audio_cfg))
+        scored = evaluate_model(trained[variant], test_set, modes=[(row, mode, phased)], clips=clips, steps=steps,
+                                text_cfg=t_cfg, audio_cfg=a_cfg, shift=shift, log=log)
+        for figures in scored.values():
+            figures.update(text_cfg=t_cfg, audio_cfg=a_cfg)
+        rows.update(scored)
     return rows
 
 
-def load_ablation_runs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+ABLATION_VARIANTS = tuple(dict.fromkeys(variant for _, variant, _, _ in ABLATION_ROWS))
+
+
+def load_ablation_runs(folder: Path, variants: "list[str] | None" = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Variants trained elsewhere (one finished run folder per variant, named as in :data:`ABLATION_ROWS`), with a
-    summary of how each was trained for the table's caption."""
+    summary of how each was trained (batch, steps per stage, its own generation defaults) for the table's caption.
+    ``variants`` picks some of them (default: all five)."""
     from .errors import ActAvatarError
     from .training.recipe import load_trained_run, read_run_config
 
-    names = sorted({variant for _, variant, _, _ in ABLATION_ROWS})
+    names = sorted(variants or ABLATION_VARIANTS)
+    unknown = [n for n in names if n not in ABLATION_VARIANTS]
+    if unknown:
+        raise ActAvatarError(f"unknown ablation variant(s) {unknown}.", f"Choose from {', '.join(ABLATION_VARIANTS)}.")
     missing = [n for n in names if not (folder / n / "config.json").is_file()]
     if missing:
         raise ActAvatarError(f"'{folder}' lacks the ablation variant run(s) {missing}.",
-                             f"Train one run folder per variant ({', '.join(names)}) in it.")
+                             f"Train one run folder per variant ({', '.join(names)}) in it, or pick the trained ones "
+                             f"with --ablation-variants.")
     trained, recipes = {}, {}
     for name in names:
         trained[name] = load_trained_run(folder / name)
         cfg = read_run_config(folder / name)
         recipes[name] = {"batch_size": cfg.batch_size,
-                         "steps": {s: cfg.stage_config(s).steps for s in cfg.stages if s in cfg.stage}}
+                         "steps": {s: cfg.stage_config(s).steps for s in cfg.stages if s in cfg.stage},
+                         "generation": dict(cfg.generation)}
     return trained, recipes
+
+
+def run_guidance(recipes: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Each variant's own (text, audio) guidance from its run's generation defaults, for ``--ablation-guidance run``."""
+    from .errors import ActAvatarError
+
+    out = {}
+    for name, recipe in recipes.items():
+        gen = recipe.get("generation", {})
+        if "text_cfg" not in gen or "audio_cfg" not in gen:
+            raise ActAvatarError(f"ablation variant '{name}' has no text_cfg/audio_cfg in its config's generation "
+                                 "defaults.", "Add them (picked on the validation split) or use --ablation-guidance model.")
+        out[name] = (float(gen["text_cfg"]), float(gen["audio_cfg"]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -254,6 +288,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ablation-runs", default=None, metavar="FOLDER",
                    help="score ablation variants already trained (e.g. on a GPU machine): FOLDER/{global,paca,routed,"
                         "uniform,onestage} are finished run folders; nothing is trained")
+    p.add_argument("--ablation-variants", default=None, metavar="LIST",
+                   help="with --ablation-runs: score only these trained variants (comma-separated; default: all five)")
+    p.add_argument("--ablation-guidance", choices=("model", "run"), default="model",
+                   help="with --ablation-runs: 'model' samples every row with the scored model's guidance; 'run' "
+                        "samples each variant with its own run's generation defaults (picked on the validation split)")
     p.add_argument("--ablation-dataset", default=None, help="training dataset of the variants (default: the base run's)")
     p.add_argument("--ablation-out", default="runs/ablation")
     p.add_argument("--stage1-steps", type=int, default=300)
@@ -265,6 +304,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv[1:])
     if args.ablation and args.ablation_runs:
         p.error("--ablation trains the variants and --ablation-runs scores trained ones; pass one of them")
+    if (args.ablation_variants or args.ablation_guidance != "model") and not args.ablation_runs:
+        p.error("--ablation-variants and --ablation-guidance apply to --ablation-runs (scoring trained variants)")
 
     from .defaults import load_default_models
     from .pipeline import load_model_folder
@@ -308,15 +349,19 @@ def main(argv: list[str]) -> int:
                                         f"{abl_steps} sampling steps)"))
     if args.ablation_runs:
         abl_steps = args.ablation_sample_steps or steps
-        trained, recipes = load_ablation_runs(Path(args.ablation_runs))
+        variants = [v.strip() for v in args.ablation_variants.split(",") if v.strip()] if args.ablation_variants else None
+        trained, recipes = load_ablation_runs(Path(args.ablation_runs), variants)
+        guidance = run_guidance(recipes) if args.ablation_guidance == "run" else None
         rows = score_ablation(trained, test_set, clips=args.clips, steps=abl_steps, text_cfg=text_cfg,
-                              audio_cfg=audio_cfg, shift=shift)
-        result["ablation"] = {"rows": rows, "runs": args.ablation_runs, "recipes": recipes}
-        paca = recipes["paca"]
+                              audio_cfg=audio_cfg, shift=shift, guidance=guidance)
+        result["ablation"] = {"rows": rows, "runs": args.ablation_runs, "recipes": recipes,
+                              "guidance": args.ablation_guidance}
         print()
-        print(format_table(rows, f"Ablation (variants trained in {args.ablation_runs}: stages "
-                                 f"{'/'.join(str(v) for v in paca['steps'].values())} steps at batch "
-                                 f"{paca['batch_size']}; {abl_steps} sampling steps)"))
+        print(format_table(rows, f"Ablation (variants trained in {args.ablation_runs}: "
+                                 + "; ".join(f"{name} stages {'/'.join(str(v) for v in r['steps'].values())} steps at "
+                                             f"batch {r['batch_size']}" for name, r in recipes.items())
+                                 + f"; {abl_steps} sampling steps; guidance "
+                                 + ("each run's own" if guidance else f"{text_cfg}/{audio_cfg}") + ")"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default))

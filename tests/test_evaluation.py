@@ -82,3 +82,39 @@ def test_bench_refuses_training_and_loading_the_ablation_at_once(capsys):
     with pytest.raises(SystemExit):
         evaluation.main(["bench", "--ablation", "runs/mini", "--ablation-runs", "runs/gpu"])
     assert "pass one of them" in capsys.readouterr().err
+
+
+def test_ablation_scores_only_the_chosen_variants_each_with_its_own_guidance(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_evaluate(models, test_set, *, modes, text_cfg, audio_cfg, **kw):
+        calls.append((models, modes[0][1], text_cfg, audio_cfg))
+        return {modes[0][0]: {"hit_at_segment": 0.5}}
+
+    monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
+    rows = evaluation.score_ablation({"global": "G", "paca": "P"}, tmp_path, clips=1, steps=2, text_cfg=3.0,
+                                     audio_cfg=3.0, shift=3.0, guidance={"global": (5.0, 2.0)}, log=lambda m: None)
+    assert set(rows) == {"Global prompt (no PACA)", "PACA learned (paper)",
+                         "PACA routed at inference only (the learned variant)",
+                         "PACA routed on the global variant (ours, untrained for phases)"}
+    assert ("G", "global", 5.0, 2.0) in calls and ("G", "routed", 5.0, 2.0) in calls
+    assert ("P", "learned", 3.0, 3.0) in calls and ("P", "routed", 3.0, 3.0) in calls and len(calls) == 4
+    assert rows["Global prompt (no PACA)"]["text_cfg"] == 5.0 and rows["PACA learned (paper)"]["audio_cfg"] == 3.0
+
+
+def test_ablation_variant_choice_is_checked(tmp_path):
+    from actavatar_core.errors import ActAvatarError
+
+    with pytest.raises(ActAvatarError, match=r"unknown ablation variant\(s\) \['gloabl'\]"):
+        evaluation.load_ablation_runs(tmp_path, ["gloabl"])
+    with pytest.raises(ActAvatarError, match=r"lacks the ablation variant run\(s\) \['global'\].*--ablation-variants"):
+        evaluation.load_ablation_runs(tmp_path, ["global"])
+    with pytest.raises(ActAvatarError, match="'paca' has no text_cfg/audio_cfg"):
+        evaluation.run_guidance({"global": {"generation": {"text_cfg": 5, "audio_cfg": 2}}, "paca": {"generation": {}}})
+    assert evaluation.run_guidance({"global": {"generation": {"text_cfg": 5, "audio_cfg": 2}}}) == {"global": (5.0, 2.0)}
+
+
+def test_bench_ablation_choices_need_trained_runs(capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["bench", "--ablation-variants", "global,paca"])
+    assert "apply to --ablation-runs" in capsys.readouterr().err
