@@ -145,15 +145,17 @@ ABLATION_ROWS = [
 
 
 def ablation_configs(base_run: Path, dataset: Path, out: Path, stage1_steps: int, stage2_steps: int) -> dict[str, dict]:
-    """Training configs of the ablation variants. They share the shipped model's encoders, VAE and stage-0 backbone
-    (copied from ``base_run``) and differ only in stages 1 and 2, which run fewer steps than the shipped model."""
+    """Training configs of the ablation variants. They share the base run's encoders, VAE and stage-0 backbone
+    (copied from ``base_run``) and retrain stages 1 and 2 with the base run's own stage settings (learning rate,
+    schedule, motion weight, frames...) for the given steps; each differs from the others only in what its row
+    ablates. With the base run's own step counts they are that recipe's variants at full scale."""
     base = json.loads((base_run / "config.json").read_text())
     common = {k: base[k] for k in ("text_len", "batch_size", "grad_accum", "weight_decay", "max_grad_norm", "warmup_steps",
                                    "shift", "caption_dropout", "audio_dropout", "seed") if k in base}
     common["models"] = base.get("models", {"init": "mini-scratch"})
     b1, b2 = base["stage"].get("stage1", {}), base["stage"].get("stage2", {})
-    s1 = {"steps": stage1_steps, "lr": b1.get("lr", 5e-4), "prompt": "caption", "schedule": b1.get("schedule", "constant")}
-    s2 = {"steps": stage2_steps, "lr": b2.get("lr", 2e-4), "prompt": "phased", "schedule": b2.get("schedule", "constant")}
+    s1 = {"lr": 5e-4, "schedule": "constant", **b1, "steps": stage1_steps, "prompt": "caption"}
+    s2 = {"lr": 2e-4, "schedule": "constant", **b2, "steps": stage2_steps, "prompt": "phased"}
     variants = {
         "global": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": {**s2, "prompt": "global"}},
         "paca": {"stages": ["stage0", "stage1", "stage2"], "stage1": s1, "stage2": s2},

@@ -14,7 +14,8 @@ def test_ablation_variants_differ_only_where_the_paper_table_says(tmp_path):
     base.mkdir()
     (base / "config.json").write_text(json.dumps({
         "text_len": 64, "batch_size": 2, "shift": 3.0, "seed": 0, "models": {"init": "mini-scratch"},
-        "stage": {"stage1": {"lr": 5e-4}, "stage2": {"lr": 3e-4, "schedule": "cosine"}}}))
+        "stage": {"stage1": {"lr": 5e-4}, "stage2": {"lr": 3e-4, "schedule": "cosine", "motion_weight": 2.0,
+                                                     "prompt": "phased"}}}))
     cfgs = evaluation.ablation_configs(base, tmp_path / "data", tmp_path / "out", 30, 60)
     assert set(cfgs) == {"global", "paca", "routed", "uniform", "onestage"}
     assert cfgs["routed"]["paca_mode"] == "routed" and "paca_mode" not in cfgs["paca"]
@@ -26,6 +27,9 @@ def test_ablation_variants_differ_only_where_the_paper_table_says(tmp_path):
     assert all(c["data"]["cache"] == str(base / "cache") and c["shift"] == 3.0 for c in cfgs.values())
     assert cfgs["paca"]["stage2"]["lr"] == 3e-4 and cfgs["paca"]["stage1"]["steps"] == 30
     assert cfgs["paca"]["stage2"]["schedule"] == "cosine" and cfgs["paca"]["stage1"]["schedule"] == "constant"
+    # the base run's stage settings carry over (the shipped recipe's motion weight shapes what the model learns)
+    assert cfgs["paca"]["stage2"]["motion_weight"] == 2.0 and cfgs["global"]["stage2"]["motion_weight"] == 2.0
+    assert "motion_weight" not in cfgs["paca"]["stage1"] and cfgs["onestage"]["stage2"]["prompt"] == "phased"
 
 
 def test_table_shows_missing_figures_as_na():
