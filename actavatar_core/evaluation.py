@@ -360,8 +360,9 @@ def main(argv: list[str]) -> int:
                               "guidance": args.ablation_guidance}
         print()
         print(format_table(rows, f"Ablation (variants trained in {args.ablation_runs}: "
-                                 + "; ".join(f"{name} stages {'/'.join(str(v) for v in r['steps'].values())} steps at "
-                                             f"batch {r['batch_size']}" for name, r in recipes.items())
+                                 + "; ".join(f"{name} " + "/".join(f"{k} {v}" for k, v in r["steps"].items()
+                                                                   if k.startswith("stage"))
+                                             + f" steps at batch {r['batch_size']}" for name, r in recipes.items())
                                  + f"; {abl_steps} sampling steps; guidance "
                                  + ("each run's own" if guidance else f"{text_cfg}/{audio_cfg}") + ")"))
     if args.json:

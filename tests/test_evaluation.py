@@ -122,3 +122,38 @@ def test_bench_ablation_choices_need_trained_runs(capsys):
     with pytest.raises(SystemExit):
         evaluation.main(["bench", "--ablation-variants", "global,paca"])
     assert "apply to --ablation-runs" in capsys.readouterr().err
+
+
+def test_bench_scores_trained_variants_with_their_own_guidance_into_the_json(tmp_path, monkeypatch, capsys):
+    import actavatar_core.defaults as defaults
+
+    class Models:
+        info = {"name": "m", "defaults": {"steps": 4, "text_cfg": 7.0, "audio_cfg": 3.0, "shift": 3.0}}
+
+    seen = {}
+
+    def fake_runs(folder, variants):
+        seen["folder"], seen["variants"] = folder, variants
+        recipes = {v: {"batch_size": 4, "steps": {"vae": 10, "stage1": 15, "stage2": 70},
+                       "generation": {"text_cfg": 10.0 if v == "global" else 3.0, "audio_cfg": 3.0}} for v in variants}
+        return {v: v for v in variants}, recipes
+
+    def fake_evaluate(models, test_set, *, modes, text_cfg, audio_cfg, **kw):
+        return {name: {"hit_at_segment": 0.5, "cfg": (text_cfg, audio_cfg)} for name, _, _ in modes}
+
+    monkeypatch.setattr(defaults, "load_default_models", lambda: (Models(), None))
+    monkeypatch.setattr(evaluation, "ensure_test_set", lambda folder, clips: tmp_path)
+    monkeypatch.setattr(evaluation, "score_ground_truth", lambda *a: {"hit_at_segment": 1.0})
+    monkeypatch.setattr(evaluation, "score_reconstruction", lambda *a: {"hit_at_segment": 0.9})
+    monkeypatch.setattr(evaluation, "load_ablation_runs", fake_runs)
+    monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
+    out = tmp_path / "bench.json"
+    assert evaluation.main(["bench", "--modes", "", "--ablation-runs", "runs/x", "--ablation-variants", "global, paca",
+                            "--ablation-guidance", "run", "--json", str(out)]) == 0
+    assert seen == {"folder": Path("runs/x"), "variants": ["global", "paca"]}
+    rows = json.loads(out.read_text())["ablation"]["rows"]
+    assert rows["Global prompt (no PACA)"]["cfg"] == [10.0, 3.0] and rows["PACA learned (paper)"]["cfg"] == [3.0, 3.0]
+    assert rows["Global prompt (no PACA)"]["text_cfg"] == 10.0
+    caption = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Ablation")][0]
+    assert "global stage1 15/stage2 70 steps at batch 4" in caption and "vae" not in caption
+    assert "guidance each run's own" in caption
