@@ -142,6 +142,7 @@ ABLATION_ROWS = [
     # our claim for routing: it steers weights never trained for phases (the global variant's)
     ("PACA routed on the global variant (ours, untrained for phases)", "global", "routed", True),
 ]
+ABLATION_VARIANTS = tuple(dict.fromkeys(variant for _, variant, _, _ in ABLATION_ROWS))  # trained runs the rows need
 
 
 def ablation_configs(base_run: Path, dataset: Path, out: Path, stage1_steps: int, stage2_steps: int) -> dict[str, dict]:
@@ -216,9 +217,6 @@ def score_ablation(trained: dict[str, Any], test_set: Path, *, clips: int, steps
             figures.update(text_cfg=t_cfg, audio_cfg=a_cfg)
         rows.update(scored)
     return rows
-
-
-ABLATION_VARIANTS = tuple(dict.fromkeys(variant for _, variant, _, _ in ABLATION_ROWS))
 
 
 def load_ablation_runs(folder: Path, variants: "list[str] | None" = None) -> tuple[dict[str, Any], dict[str, Any]]:
