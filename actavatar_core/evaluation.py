@@ -264,6 +264,12 @@ COLUMNS = [("hit_at_segment", "H@S"), ("tiou", "tIoU"), ("spurious_action_rate",
            ("lipsync_corr", "mouth-audio r"), ("lipsync_best_lag_median", "best lag"), ("identity_dist", "id drift")]
 
 
+def recipe_summary(name: str, recipe: dict[str, Any]) -> str:
+    """'global stage1 1500/stage2 7000 steps at batch 4': the transformer stages only (the VAE stages are shared)."""
+    stages = "/".join(f"{k} {v}" for k, v in recipe["steps"].items() if k.startswith("stage"))
+    return f"{name} {stages} steps at batch {recipe['batch_size']}"
+
+
 def format_table(rows: dict[str, dict[str, Any]], title: str) -> str:
     lines = [title, "| configuration | " + " | ".join(c for _, c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
@@ -357,12 +363,10 @@ def main(argv: list[str]) -> int:
         result["ablation"] = {"rows": rows, "runs": args.ablation_runs, "recipes": recipes,
                               "guidance": args.ablation_guidance}
         print()
-        print(format_table(rows, f"Ablation (variants trained in {args.ablation_runs}: "
-                                 + "; ".join(f"{name} " + "/".join(f"{k} {v}" for k, v in r["steps"].items()
-                                                                   if k.startswith("stage"))
-                                             + f" steps at batch {r['batch_size']}" for name, r in recipes.items())
-                                 + f"; {abl_steps} sampling steps; guidance "
-                                 + ("each run's own" if guidance else f"{text_cfg}/{audio_cfg}") + ")"))
+        trained_as = "; ".join(recipe_summary(name, r) for name, r in recipes.items())
+        guided = "each run's own" if guidance else f"{text_cfg}/{audio_cfg}"
+        print(format_table(rows, f"Ablation (variants trained in {args.ablation_runs}: {trained_as}; "
+                                 f"{abl_steps} sampling steps; guidance {guided})"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default))
