@@ -1,6 +1,7 @@
 """Training smoke tests on a few tiny synthetic clips: preprocessing cache, loss going down, exact resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,3 +417,31 @@ def test_mini_audio_encoder_keeps_the_loudness_a_mouth_follows():
     w = np.linalg.solve(x[:n].T @ x[:n] + x.shape[1] * np.eye(x.shape[1]), x[:n].T @ (y[:n] - y[:n].mean()))
     r = np.corrcoef(x[n:] @ w, y[n:])[0, 1]
     assert r > 0.75, f"the mini audio encoder's features predict the mouth opening with r={r:.2f} only"
+
+
+def test_a_stage_can_train_on_its_own_clips(tmp_path, dataset):
+    """The paper's stage 2 fine-tunes on other (phase-annotated) clips than stage 1: a stage's own ``data`` block is
+    synthesised when missing, cached with the run's frozen encoders, and only that stage trains on it."""
+    own = tmp_path / "own"
+    synth = {"clips": 2, "seed": 50, "size": 64, "fps": 25, "duration": 1.0}
+    cfg = _cfg(tmp_path, dataset, stages=["stage0", "stage2"], checkpoint_every=0,
+               stage2={"steps": 2, "lr": 1e-3, "prompt": "phased", "data": {"dataset": str(own), "synth": synth}})
+    report = run_training(cfg, progress=False, log=lambda m: None)["report"]
+    assert report["stages"]["stage0"]["clips"] == 3 and report["stages"]["stage2"]["clips"] == 2
+    own_ids = [a.id for a in read_annotations(own)]
+    assert own_ids == ["train_000000050", "train_000000051"]
+    assert cfg.stage_cache_dir("stage2") == tmp_path / "run" / "cache-stage2"
+    index = json.loads((cfg.stage_cache_dir("stage2") / "index.json").read_text())
+    assert [e["id"] for e in index["clips"]] == own_ids
+    assert len(json.loads((cfg.cache_dir / "index.json").read_text())["clips"]) == 3
+
+
+def test_config_checks_a_stages_own_data_block(tmp_path, dataset):
+    with pytest.raises(ValueError, match="stage2.data needs a 'dataset'"):
+        _cfg(tmp_path, dataset, stage2={"steps": 1, "data": {"cache": "x"}})
+    with pytest.raises(ValueError, match="unknown key"):
+        _cfg(tmp_path, dataset, stage2={"steps": 1, "data": {"dataset": "x", "clips": 5}})
+    with pytest.raises(ValueError, match="VAE stages train on the run's dataset"):
+        _cfg(tmp_path, dataset, vae={"steps": 1, "data": {"dataset": "x"}})
+    cfg = _cfg(tmp_path, dataset, stage2={"steps": 1, "data": {"dataset": "rel/ds", "cache": "rel/cache"}})
+    assert cfg.stage_cache_dir("stage2") == Path("rel/cache") and cfg.stage_cache_dir("stage1") == cfg.cache_dir

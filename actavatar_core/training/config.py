@@ -22,7 +22,8 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
       "stage1": {"steps": 1000, "lr": 5e-4, "prompt": "caption"},  # paper stage 1: audio adapter only, brief captions
       "stage2": {"steps": 2000, "lr": 2e-4, "prompt": "phased", "train": "full" | "lora", "lora_rank": 16,
                  "schedule": "constant" | "cosine",                # lr after warmup (cosine: down to 10 %)
-                 "motion_weight": 0.0},                            # > 0: weight the loss towards what moves
+                 "motion_weight": 0.0,                             # > 0: weight the loss towards what moves
+                 "data": {"dataset": "...", "synth": {...}, "cache": "..."}},  # this stage's own clips (optional)
       "batch_size": 4, "grad_accum": 1, "weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_steps": 50,
       "shift": 5.0, "caption_dropout": 0.1, "audio_dropout": 0.1,
       "gradient_checkpointing": false, "mixed_precision": "auto",
@@ -63,6 +64,9 @@ class StageConfig:
     crop: int | None = None  # vae stage: square crop size in pixels (None: whole frames)
     schedule: str = "constant"  # learning rate after warmup: constant, or cosine decay to 10 % at the last step
     motion_weight: float = 0.0  # extra loss weight on what moves in the clip (0: plain mean; see flow.motion_weights)
+    #: transformer stages: this stage's own clips, {"dataset", "synth", "cache"} as in the top-level "data" (the
+    #: paper's stage 2 fine-tunes on other clips than stage 1); None: the run's dataset
+    data: dict[str, Any] | None = None
 
 
 @dataclass
@@ -104,6 +108,13 @@ class TrainConfig:
     def stage_config(self, name: str) -> StageConfig:
         return self.stage.get(name, StageConfig())
 
+    def stage_cache_dir(self, name: str) -> Path:
+        """Where a stage with its own ``data`` keeps its cache (the run's cache for the others)."""
+        data = self.stage_config(name).data
+        if not data:
+            return self.cache_dir
+        return Path(data["cache"]) if data.get("cache") else Path(self.output_dir) / f"cache-{name}"
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["stage"] = {k: asdict(v) for k, v in self.stage.items()}
@@ -125,6 +136,20 @@ def load_config(path: "str | os.PathLike", overrides: dict[str, Any] | None = No
     return config_from_dict(raw)
 
 
+def stage_data(stage: str, data: dict[str, Any], rel: Any) -> dict[str, Any]:
+    """Check a stage's own ``data`` block and resolve its paths."""
+    if stage in ("vae", "vae_decoder"):
+        raise ValueError(f"{stage}.data: the VAE stages train on the run's dataset; give 'data' to stage0, stage1 or "
+                         "stage2 instead")
+    if not isinstance(data, dict) or "dataset" not in data:
+        raise ValueError(f"{stage}.data needs a 'dataset' folder (and optionally 'synth' and 'cache'), like the "
+                         "top-level 'data' block")
+    unknown = sorted(set(data) - {"dataset", "synth", "cache"})
+    if unknown:
+        raise ValueError(f"{stage}.data: unknown key(s) {unknown}; allowed: dataset, synth, cache")
+    return {**data, "dataset": rel(data["dataset"]), "cache": rel(data.get("cache"))}
+
+
 def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -> TrainConfig:
     raw = dict(raw)
     base = Path(base_dir)
@@ -144,6 +169,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
         if name in raw:
             values = raw.pop(name)
             cfg = StageConfig(**values)
+            if cfg.data is not None:
+                cfg.data = stage_data(name, cfg.data, rel)
             if cfg.prompt not in PROMPTS:
                 raise ValueError(f"{name}.prompt must be one of {PROMPTS}")
             if cfg.motion_weight < 0:

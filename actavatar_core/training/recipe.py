@@ -302,15 +302,19 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
 
 
 # ---------------------------------------------------------------------------------------------- whole run
-def ensure_dataset(cfg: TrainConfig, log: Callable[[str], None] = print) -> None:
-    if (Path(cfg.dataset) / "annotations.jsonl").is_file() or not cfg.synth:
+def ensure_dataset(cfg: TrainConfig, log: Callable[[str], None] = print, *, dataset: str | None = None,
+                   synth: dict[str, Any] | None = None) -> None:
+    """Write the synthetic dataset when the folder has none and the config says how (``dataset``/``synth``: a
+    stage's own data instead of the run's)."""
+    dataset, synth = (dataset, synth) if dataset is not None else (cfg.dataset, cfg.synth)
+    if (Path(dataset) / "annotations.jsonl").is_file() or not synth:
         return
     from ..synth.writer import write_dataset
 
-    log(f"generating the synthetic dataset in {cfg.dataset}")
-    s = dict(cfg.synth)
+    log(f"generating the synthetic dataset in {dataset}")
+    s = dict(synth)
     duration = s.get("duration", 4.0)
-    write_dataset(cfg.dataset, clips=int(s.get("clips", 100)), seed=int(s.get("seed", 0)), size=int(s.get("size", 128)),
+    write_dataset(dataset, clips=int(s.get("clips", 100)), seed=int(s.get("seed", 0)), size=int(s.get("size", 128)),
                   fps=float(s.get("fps", 25.0)), duration=tuple(duration) if isinstance(duration, list) else duration,
                   split=s.get("split", "train"), workers=int(s.get("workers", 1)), voice=s.get("voice", "synthetic"))
 
@@ -379,13 +383,29 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
                                window=transformer.config.audio_window, shard_size=cfg.shard_size,
                                progress=progress and state.is_main_process)
         report["preprocess_seconds"] = round(time.time() - t0, 1)
+        stage_caches = {}
+        for stage in [s for s in cfg.stages if cfg.stage_config(s).data]:
+            data = cfg.stage_config(stage).data
+            if state.is_main_process:
+                ensure_dataset(cfg, log, dataset=data["dataset"], synth=data.get("synth"))
+            stage_annotations = read_annotations(data["dataset"])
+            log(f"{stage}: its own {len(stage_annotations)} clips from {data['dataset']}")
+            t0 = time.time()
+            with frozen_encoders_on_accelerator(models.vae, models.text_encoder, models.audio_encoder):
+                stage_caches[stage] = preprocess(
+                    stage_annotations, cfg.stage_cache_dir(stage), vae=models.vae, text_encoder=models.text_encoder,
+                    tokenizer=models.tokenizer, audio_encoder=models.audio_encoder, audio_config=models.audio_config,
+                    text_len=cfg.text_len, window=transformer.config.audio_window, shard_size=cfg.shard_size,
+                    progress=progress and state.is_main_process)
+            report[f"preprocess_seconds_{stage}"] = round(time.time() - t0, 1)
     dataset = CachedClips(cache)
     previous = None
     validator = make_validator(cfg, models, annotations[0])
     for stage in [s for s in cfg.stages if s not in ("vae", "vae_decoder")]:
         if previous is not None:
             load_stage_weights(transformer, out / previous)
-        runner = StageRunner(cfg, stage, transformer, dataset, log=log, progress=progress,
+        stage_clips = CachedClips(stage_caches[stage]) if stage in stage_caches else dataset
+        runner = StageRunner(cfg, stage, transformer, stage_clips, log=log, progress=progress,
                              on_checkpoint=(lambda step, s=stage: on_checkpoint(s, step)) if on_checkpoint else None,
                              validator=validator)
         report["stages"][stage] = runner.run()

@@ -237,7 +237,7 @@ class StageRunner:
         acc.wait_for_everyone()
         unwrapped = acc.unwrap_model(model)
         unwrapped.eval()
-        summary = {"stage": self.stage, "steps": scfg.steps, "seconds": round(time.time() - started, 1),
+        summary = {"stage": self.stage, "steps": scfg.steps, "clips": len(self.dataset), "seconds": round(time.time() - started, 1),
                    "final_loss_ema": ema, "first_losses": losses[:10], "last_losses": losses[-10:],
                    "trainable_parameters": sum(p.numel() for n, p in unwrapped.named_parameters() if n in set(trainable))}
         if acc.is_main_process:
