@@ -436,6 +436,42 @@ def test_a_stage_can_train_on_its_own_clips(tmp_path, dataset):
     assert len(json.loads((cfg.cache_dir / "index.json").read_text())["clips"]) == 3
 
 
+def test_a_stage_cache_copies_the_clips_the_run_cache_already_holds(tmp_path, dataset, monkeypatch):
+    """Stage 2's clips often contain the run's: those are copied from the run's cache (same encoders, same video
+    bytes and script), bit for bit, and only the others are encoded."""
+    import shutil
+
+    from actavatar_core.synth.writer import write_dataset
+    from actavatar_core.training import data
+
+    own = tmp_path / "own"
+    shutil.copytree(dataset, own)
+    extra = tmp_path / "extra"
+    write_dataset(extra, clips=1, seed=7, size=64, fps=25.0, duration=1.0, workers=1, voice="synthetic")
+    with open(own / "annotations.jsonl", "a") as f:
+        f.write((extra / "annotations.jsonl").read_text())
+    shutil.copy(extra / "clips" / "train_000000007.mp4", own / "clips")
+    encoded = []
+    real_encode = data.encode_clip
+    monkeypatch.setattr(data, "encode_clip", lambda ann, *a, **k: encoded.append(ann.id) or real_encode(ann, *a, **k))
+    cfg = _cfg(tmp_path, dataset, stages=["stage0", "stage2"], checkpoint_every=0, stage0={"steps": 1, "prompt": "global"},
+               stage2={"steps": 1, "prompt": "phased", "data": {"dataset": str(own)}})
+    run_training(cfg, progress=False, log=lambda m: None)
+    assert encoded == [a.id for a in read_annotations(dataset)] + ["train_000000007"]  # the run's 3, then 1 new
+    run_cache, stage_cache = CachedClips(cfg.cache_dir), CachedClips(cfg.stage_cache_dir("stage2"))
+    for i in range(3):
+        a, b = run_cache[i], stage_cache[i]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    # a clip whose video changed is encoded again, not copied
+    shutil.rmtree(cfg.stage_cache_dir("stage2"))
+    (own / "clips" / "train_000000001.mp4").write_bytes((own / "clips" / "train_000000000.mp4").read_bytes())
+    encoded.clear()
+    (tmp_path / "run" / "stage2" / "done.json").unlink()
+    run_training(cfg, progress=False, log=lambda m: None)
+    assert encoded == ["train_000000001", "train_000000007"]
+
+
 def test_config_checks_a_stages_own_data_block(tmp_path, dataset):
     with pytest.raises(ValueError, match="stage2.data needs a 'dataset'"):
         _cfg(tmp_path, dataset, stage2={"steps": 1, "data": {"cache": "x"}})

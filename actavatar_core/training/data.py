@@ -126,18 +126,22 @@ def encode_clip(ann: Annotation, vae: Any, text_encoder: Any, tokenizer: Any, au
 
 def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *, vae: Any, text_encoder: Any,
                tokenizer: Any, audio_encoder: Any, audio_config: dict, text_len: int, window: int,
-               shard_size: int = 64, progress: bool = True) -> Path:
+               shard_size: int = 64, progress: bool = True, reuse: "str | os.PathLike | None" = None) -> Path:
     """Write (or reuse) the cache. A cache made with other encoders or another clip list is rebuilt; a cache
-    interrupted half-way resumes at the first missing shard."""
+    interrupted half-way resumes at the first missing shard. ``reuse``: another complete cache made with the same
+    encoders; its clips with the same id, video bytes and script are copied instead of encoded again (a stage's own
+    clips often contain the run's)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    settings = {"text_len": text_len, "window": window, "tok": len(tokenizer),
+                "latents_mean": vae.config.latents_mean, "latents_std": vae.config.latents_std}
     fp = fingerprint(*vae_encoding_modules(vae), text_encoder, audio_encoder,
-                     extra={"ids": [a.id for a in annotations], "text_len": text_len, "window": window,
-                            "tok": len(tokenizer), "latents_mean": vae.config.latents_mean,
-                            "latents_std": vae.config.latents_std})
+                     extra={"ids": [a.id for a in annotations], **settings})
+    encoders = fingerprint(*vae_encoding_modules(vae), text_encoder, audio_encoder, extra=settings)
+    reusable = _reusable_clips(reuse, encoders)
     index_path = cache / INDEX
     if index_path.is_file():
         index = json.loads(index_path.read_text())
@@ -149,7 +153,7 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
                 old.unlink()
     # Claim the folder for these encoders before the first shard: an interrupted build then resumes at the first
     # missing shard instead of being judged stale and deleted.
-    index_path.write_text(json.dumps({"fingerprint": fp, "complete": False}))
+    index_path.write_text(json.dumps({"fingerprint": fp, "encoders": encoders, "complete": False}))
     empty = encode_empty(text_encoder, tokenizer, text_len)
     save_file({"text_empty": empty}, str(cache / "empty.safetensors"))
     shards = [annotations[i : i + shard_size] for i in range(0, len(annotations), shard_size)]
@@ -160,18 +164,53 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
         if not path.is_file():
             tensors, meta = {}, {}
             for j, ann in enumerate(group):
-                for key, value in encode_clip(ann, vae, text_encoder, tokenizer, audio_encoder, audio_config, text_len, window).items():
+                copied = _copy_clip(reusable, ann)
+                clip = copied if copied is not None else encode_clip(ann, vae, text_encoder, tokenizer, audio_encoder,
+                                                                     audio_config, text_len, window)
+                for key, value in clip.items():
                     tensors[f"{j}.{key}"] = value
             meta = {"ids": json.dumps([a.id for a in group])}
             tmp = path.with_suffix(".partial")
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)
         entries += [{"id": a.id, "shard": path.name, "slot": j, "fps": a.fps, "num_frames": a.num_frames,
-                     "script": a.script.to_json()} for j, a in enumerate(group)]
+                     "script": a.script.to_json(), "video": video_digest(a.video)} for j, a in enumerate(group)]
         bar.update(len(group))
     bar.close()
-    index_path.write_text(json.dumps({"fingerprint": fp, "complete": True, "text_len": text_len, "clips": entries}))
+    index_path.write_text(json.dumps({"fingerprint": fp, "encoders": encoders, "complete": True, "text_len": text_len,
+                                      "clips": entries}))
     return cache
+
+
+def video_digest(path: "str | os.PathLike") -> str:
+    """The identity of a clip's file, so a clip is copied from another cache only when it is the same video."""
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+def _reusable_clips(reuse: "str | os.PathLike | None", encoders: str) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """id -> (shard file, index entry) of a complete cache made with the same encoders (older caches, which do
+    not record their encoders, are never reused)."""
+    if reuse is None or not (Path(reuse) / INDEX).is_file():
+        return {}
+    index = json.loads((Path(reuse) / INDEX).read_text())
+    if not index.get("complete") or index.get("encoders") != encoders:
+        return {}
+    return {e["id"]: (Path(reuse) / e["shard"], e) for e in index["clips"] if "video" in e}
+
+
+def _copy_clip(reusable: dict[str, tuple[Path, dict[str, Any]]], ann: Annotation) -> dict[str, torch.Tensor] | None:
+    """The clip's tensors from the reusable cache, or None when it is not there as the same video and script."""
+    from safetensors import safe_open
+
+    found = reusable.get(ann.id)
+    if found is None:
+        return None
+    shard, entry = found
+    if entry["script"] != ann.script.to_json() or entry["video"] != video_digest(ann.video):
+        return None
+    prefix = f"{entry['slot']}."
+    with safe_open(str(shard), framework="pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 @torch.no_grad()

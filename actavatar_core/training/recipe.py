@@ -396,7 +396,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
                     stage_annotations, cfg.stage_cache_dir(stage), vae=models.vae, text_encoder=models.text_encoder,
                     tokenizer=models.tokenizer, audio_encoder=models.audio_encoder, audio_config=models.audio_config,
                     text_len=cfg.text_len, window=transformer.config.audio_window, shard_size=cfg.shard_size,
-                    progress=progress and state.is_main_process)
+                    progress=progress and state.is_main_process, reuse=cache)
             report[f"preprocess_seconds_{stage}"] = round(time.time() - t0, 1)
     dataset = CachedClips(cache)
     previous = None
