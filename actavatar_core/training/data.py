@@ -161,10 +161,11 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
     bar = tqdm(total=len(annotations), desc="preprocess", unit="clip", disable=not progress)
     for s, group in enumerate(shards):
         path = cache / f"shard_{s:05d}.safetensors"
+        digests = [video_digest(a.video) for a in group]
         if not path.is_file():
             tensors, meta = {}, {}
             for j, ann in enumerate(group):
-                copied = _copy_clip(reusable, ann)
+                copied = _copy_clip(reusable, ann, digests[j])
                 clip = copied if copied is not None else encode_clip(ann, vae, text_encoder, tokenizer, audio_encoder,
                                                                      audio_config, text_len, window)
                 for key, value in clip.items():
@@ -174,7 +175,7 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)
         entries += [{"id": a.id, "shard": path.name, "slot": j, "fps": a.fps, "num_frames": a.num_frames,
-                     "script": a.script.to_json(), "video": video_digest(a.video)} for j, a in enumerate(group)]
+                     "script": a.script.to_json(), "video": digests[j]} for j, a in enumerate(group)]
         bar.update(len(group))
     bar.close()
     index_path.write_text(json.dumps({"fingerprint": fp, "encoders": encoders, "complete": True, "text_len": text_len,
@@ -198,7 +199,8 @@ def _reusable_clips(reuse: "str | os.PathLike | None", encoders: str) -> dict[st
     return {e["id"]: (Path(reuse) / e["shard"], e) for e in index["clips"] if "video" in e}
 
 
-def _copy_clip(reusable: dict[str, tuple[Path, dict[str, Any]]], ann: Annotation) -> dict[str, torch.Tensor] | None:
+def _copy_clip(reusable: dict[str, tuple[Path, dict[str, Any]]], ann: Annotation,
+               digest: str) -> dict[str, torch.Tensor] | None:
     """The clip's tensors from the reusable cache, or None when it is not there as the same video and script."""
     from safetensors import safe_open
 
@@ -206,7 +208,7 @@ def _copy_clip(reusable: dict[str, tuple[Path, dict[str, Any]]], ann: Annotation
     if found is None:
         return None
     shard, entry = found
-    if entry["script"] != ann.script.to_json() or entry["video"] != video_digest(ann.video):
+    if entry["script"] != ann.script.to_json() or entry["video"] != digest:
         return None
     prefix = f"{entry['slot']}."
     with safe_open(str(shard), framework="pt") as f:
