@@ -76,13 +76,22 @@ def fingerprint(*modules: Any, extra: Any = None) -> str:
     """The identity of the frozen encoders (a hash of every weight's bytes, name and dtype) for cache validity.
     Bytes, not sums: a float sum depends on the thread count, and a cache must not look stale to a run that
     merely uses fewer threads. Configs are left out: a model saved and reloaded is the same model."""
+    return fingerprints(*modules, extras=[extra])[0]
+
+
+def fingerprints(*modules: Any, extras: list[Any]) -> list[str]:
+    """:func:`fingerprint` for several ``extra`` values, hashing the weights (gigabytes for Wan's encoders) once."""
     h = hashlib.blake2b(digest_size=16)
     for m in modules:
         for name, p in sorted(m.state_dict().items()):
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
             h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    out = []
+    for extra in extras:
+        done = h.copy()
+        done.update(json.dumps(extra, sort_keys=True, default=str).encode())
+        out.append(done.hexdigest()[:16])
+    return out
 
 
 def vae_encoding_modules(vae: Any) -> list[torch.nn.Module]:
@@ -138,9 +147,8 @@ def preprocess(annotations: list[Annotation], cache_dir: "str | os.PathLike", *,
     cache.mkdir(parents=True, exist_ok=True)
     settings = {"text_len": text_len, "window": window, "tok": len(tokenizer),
                 "latents_mean": vae.config.latents_mean, "latents_std": vae.config.latents_std}
-    fp = fingerprint(*vae_encoding_modules(vae), text_encoder, audio_encoder,
-                     extra={"ids": [a.id for a in annotations], **settings})
-    encoders = fingerprint(*vae_encoding_modules(vae), text_encoder, audio_encoder, extra=settings)
+    fp, encoders = fingerprints(*vae_encoding_modules(vae), text_encoder, audio_encoder,
+                                extras=[{"ids": [a.id for a in annotations], **settings}, settings])
     reusable = _reusable_clips(reuse, encoders)
     index_path = cache / INDEX
     if index_path.is_file():
