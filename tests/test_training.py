@@ -235,6 +235,34 @@ def test_generation_defaults_of_the_config_go_into_the_exported_model(tmp_path):
         config_from_dict({**raw, "generation": {"cfg_scale": 2}})
 
 
+def test_vae_is_batched_over_clips_of_the_same_shape_and_matches_one_clip_at_a_time(tmp_path, dataset, monkeypatch):
+    """Preprocessing encodes the VAE on several clips at once (the CPU throughput win); each clip's tensors must be
+    what encoding it alone gives, and a batch must stop at the pixel budget."""
+    import actavatar_core.vae as vae_module
+    from actavatar_core.training import data
+
+    cfg = _cfg(tmp_path, dataset, stages=["stage0"], stage0={"steps": 1, "prompt": "global"})
+    anns = read_annotations(dataset)
+    models, transformer = build_models(cfg, anns, log=lambda m: None)
+    args = (models.vae, models.text_encoder, models.tokenizer, models.audio_encoder, models.audio_config,
+            cfg.text_len, transformer.config.audio_window)
+    alone = [data.encode_clip(a, *args) for a in anns]
+    real, batches = vae_module.encode_video, []
+    monkeypatch.setattr(vae_module, "encode_video", lambda vae, video: batches.append(video.shape[0]) or real(vae, video))
+    clip_pixels = anns[0].num_frames * 64 * 64
+    together = list(data.encode_clips(anns, *args, batch_pixels=2 * clip_pixels))
+    assert batches == [2, 1]
+    assert len(together) == len(alone)
+    for a, b in zip(alone, together):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype
+            assert torch.allclose(a[key], b[key], atol=1e-5), key
+    batches.clear()
+    list(data.encode_clips(anns, *args, batch_pixels=1))  # a budget below one clip still encodes each clip alone
+    assert batches == [1, 1, 1]
+
+
 def test_interrupted_cache_build_resumes_at_the_first_missing_shard(tmp_path, dataset, monkeypatch):
     import actavatar_core.training.data as data
 
