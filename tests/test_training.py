@@ -509,3 +509,65 @@ def test_config_checks_a_stages_own_data_block(tmp_path, dataset):
         _cfg(tmp_path, dataset, vae={"steps": 1, "data": {"dataset": "x"}})
     cfg = _cfg(tmp_path, dataset, stage2={"steps": 1, "data": {"dataset": "rel/ds", "cache": "rel/cache"}})
     assert cfg.stage_cache_dir("stage2") == Path("rel/cache") and cfg.stage_cache_dir("stage1") == cfg.cache_dir
+
+
+def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    from actavatar_core.training import trainer
+
+    cpu, native = torch.device("cpu"), trainer.cpu_has_native_bf16()
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert trainer.resolve_mixed_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert trainer.resolve_mixed_precision("auto", cpu) == "no"
+    assert trainer.resolve_mixed_precision("no", cpu) == "no" and trainer.resolve_mixed_precision("bf16", cpu) == "bf16"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    assert native == (("avx512_bf16" in flags or "amx_bf16" in flags)
+                                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_bf16_stages_compute_in_bf16_and_keep_fp32_weights(tmp_path, dataset):
+    """mixed_precision bf16 on the CPU: the transformer and the VAE decoder run their matmuls and convolutions in bf16
+    (autocast), while the weights they update stay fp32 and the frozen encoder still encodes in fp32."""
+    seen: dict[str, set] = {"decoder": set(), "encoder": set(), "block": set()}
+    cfg = _cfg(tmp_path, dataset, stages=["vae_decoder", "stage0"], mixed_precision="bf16",
+               stage0={"steps": 2, "prompt": "global"}, vae_decoder={"steps": 2, "lr": 1e-3, "frames": 9})
+    models, transformer = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+    import actavatar_core.training.recipe as recipe
+
+    def spy(name):
+        return lambda module, args, out: seen[name].add(out.dtype)
+
+    models.vae.decoder.conv_in.register_forward_hook(spy("decoder"))
+    models.vae.encoder.conv_in.register_forward_hook(spy("encoder"))
+    transformer.blocks[0].ffn.net[0].proj.register_forward_hook(spy("block"))
+    real_build = recipe.build_models
+    recipe.build_models = lambda *a, **k: (models, transformer)
+    try:
+        result = run_training(cfg, progress=False, log=lambda m: None)
+    finally:
+        recipe.build_models = real_build
+    assert torch.bfloat16 in seen["decoder"] and torch.bfloat16 in seen["block"]
+    assert seen["encoder"] == {torch.float32}  # cache encoding and the frozen encoder's training inputs stay exact
+    assert result["report"]["stages"]["stage0"]["mixed_precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in result["models"].vae.parameters())
+    assert all(p.dtype == torch.float32 for p in result["models"].transformer.parameters())
+    assert all(torch.isfinite(torch.tensor(v)) for v in result["report"]["stages"]["stage0"]["last_losses"])
+    # the trained model comes back without accelerate's autocast around its forward: it runs in fp32, as reloaded
+    seen["block"].clear()
+    trained = result["models"].transformer
+    with torch.no_grad():
+        trained(torch.randn(1, 48, 2, 8, 8), torch.full((1, 32), 400.0), torch.randn(1, 16, trained.config.text_dim))
+    assert seen["block"] == {torch.float32}
+
+
+def test_config_rejects_unknown_mixed_precision_and_the_cli_overrides_it(tmp_path, dataset):
+    from actavatar_core.training.config import load_config
+
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        _cfg(tmp_path, dataset, mixed_precision="bf17")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path / "r"), "data": {"dataset": str(dataset)}, "mixed_precision": "no"}))
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(path, {"mixed_precision": "auto"}).mixed_precision == "auto"
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "actavatar_core/configs/training/mini.json").read_text())
+    assert shipped["mixed_precision"] == "no"  # the shipped weights were trained in fp32: the recipe reproduces them

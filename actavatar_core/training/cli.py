@@ -13,13 +13,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", required=True, help="training config (JSON)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--export", default=None, help="write the trained model folder here (default: OUTPUT_DIR/model)")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=None,
+                   help="override mixed_precision (auto: bf16 where the GPU or CPU computes it natively)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv[1:])
     from ..errors import ActAvatarError
     from .config import load_config
     from .recipe import export_model, run_training
 
-    overrides = {"output_dir": args.output_dir} if args.output_dir else None
+    overrides = {k: v for k, v in (("output_dir", args.output_dir), ("mixed_precision", args.mixed_precision)) if v}
+    overrides = overrides or None
     try:
         cfg = load_config(args.config, overrides)
         result = run_training(cfg, progress=not args.no_progress)

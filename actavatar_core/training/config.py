@@ -26,7 +26,9 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
                  "data": {"dataset": "...", "synth": {...}, "cache": "..."}},  # this stage's own clips (optional)
       "batch_size": 4, "grad_accum": 1, "weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_steps": 50,
       "shift": 5.0, "caption_dropout": 0.1, "audio_dropout": 0.1,
-      "gradient_checkpointing": false, "mixed_precision": "auto",
+      "gradient_checkpointing": false,
+      "mixed_precision": "auto",                          # auto: bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX
+                                                          # (weights stay fp32), else fp32; or no, bf16, fp16
       "checkpoint_every": 200, "validate_every": 0, "validate_steps": 10,
       "audio_schedule": "progressive", "audio_gamma": 1.5,
       "paca_mode": "learned",
@@ -49,6 +51,7 @@ from ..attention import PACA_MODES
 STAGES = ("vae", "vae_decoder", "stage0", "stage1", "stage2")
 PROMPTS = ("caption", "global", "phased")
 SCHEDULES = ("constant", "cosine")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 GENERATION_KEYS = {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "shift", "paca_mode", "negative", "sampler"}
 
 
@@ -191,6 +194,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
     if raw.get("paca_mode", "learned") not in PACA_MODES:
         raise ValueError(f"paca_mode must be one of {PACA_MODES} ('routed' trains each frame on its own phases), "
                          f"not {raw['paca_mode']!r}")
+    if raw.get("mixed_precision", "auto") not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS} ('auto': bf16 where the GPU or CPU computes "
+                         f"it natively, else fp32), not {raw['mixed_precision']!r}")
     raw["output_dir"] = rel(raw["output_dir"])
     bad = sorted(set(raw.get("generation", {})) - GENERATION_KEYS)
     if bad:

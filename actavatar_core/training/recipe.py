@@ -193,6 +193,14 @@ def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -
     opt.step()
     return float(loss.detach())
 
+def vae_autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast for a VAE stage when ``mixed_precision`` resolves to bf16 (fp16 would need loss scaling: fp32)."""
+    from .trainer import resolve_mixed_precision
+
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=resolve_mixed_precision(cfg.mixed_precision, device) == "bf16")
+
+
 def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Callable[[str], None] = print,
               progress: bool = True) -> Any:
     """Train the mini VAE to reconstruct the dataset's frames (L1 + MSE), then set its per-channel latent mean and std
@@ -222,8 +230,10 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
         x = _clip_batch(pool, rng, batch, clip_frames, scfg.crop).to(device)
         # A deterministic autoencoder (the posterior mean): the diffusion model only ever sees that mean (Wan's
         # pipelines encode with the mode), and without sampling noise the small decoder learns several times faster.
-        z = vae.encode(x).latent_dist.mode()
-        recon = vae.decode(z).sample
+        with vae_autocast(cfg, device):
+            z = vae.encode(x).latent_dist.mode()
+            recon = vae.decode(z).sample
+        recon = recon.float()
         loss = (recon - x).abs().mean() + (recon - x).square().mean()
         lr = scfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / scfg.steps)))
         value = _optimizer_step(loss, opt, lr)
@@ -279,9 +289,11 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
     ema = None
     for step in range(scfg.steps):
         x = _clip_batch(pool, rng, batch, scfg.frames, scfg.crop).to(device)
-        with torch.no_grad():
+        with torch.no_grad():  # fp32, exactly the latents the cache holds
             z = vae.encode(x).latent_dist.mode()
-        recon = vae.decode(z).sample
+        with vae_autocast(cfg, device):
+            recon = vae.decode(z).sample
+        recon = recon.float()
         weights = motion_weights(x, scfg.motion_weight) if scfg.motion_weight > 0 else None
         diff = recon - x
         loss = weighted_mean(diff.abs(), weights) + weighted_mean(diff.square(), weights)
