@@ -193,6 +193,7 @@ def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -
     opt.step()
     return float(loss.detach())
 
+
 def vae_autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     """bf16 autocast for a VAE stage when ``mixed_precision`` resolves to bf16 (fp16 would need loss scaling: fp32)."""
     from .trainer import resolve_mixed_precision
