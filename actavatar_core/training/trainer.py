@@ -16,6 +16,7 @@ continues exactly as if it had not stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -97,6 +98,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and slower than fp32."""
     try:
