@@ -78,16 +78,12 @@ class ActAvatarBlock(WanTransformerBlock):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 rotary_emb: Any, audio_tokens: torch.Tensor | None = None, token_frame: torch.Tensor | None = None,
                 routing: PhaseRouting | BatchRouting | None = None, audio_scale: float = 0.0) -> torch.Tensor:
-        if temb.ndim == 4:
-            mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
-            shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (m.squeeze(2) for m in mods)
-        else:
-            shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
-                self.scale_shift_table + temb.float()).chunk(6, dim=1)
+        mods, frames = block_modulation(self.scale_shift_table, temb)
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
 
-        norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+        norm_hidden_states = modulate(self.norm1(hidden_states.float()), scale_msa, shift_msa, frames).type_as(hidden_states)
         attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
-        hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+        hidden_states = gated_add(hidden_states.float(), attn_output, gate_msa, frames).type_as(hidden_states)
 
         norm_hidden_states = self.norm2(hidden_states.float()).type_as(hidden_states)
         if routing is not None:
@@ -102,9 +98,55 @@ class ActAvatarBlock(WanTransformerBlock):
             audio_output = self.audio_attn(norm_hidden_states, audio_tokens, None, None, token_frame=token_frame)
             hidden_states = hidden_states + audio_scale * audio_output
 
-        norm_hidden_states = (self.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(hidden_states)
+        norm_hidden_states = modulate(self.norm3(hidden_states.float()), c_scale_msa, c_shift_msa, frames).type_as(hidden_states)
         ff_output = self.ffn(norm_hidden_states)
-        return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+        return gated_add(hidden_states.float(), ff_output.float(), c_gate_msa, frames).type_as(hidden_states)
+
+
+def block_modulation(table: torch.Tensor, temb: torch.Tensor) -> tuple[list[torch.Tensor], int | None]:
+    """A block's six shift/scale/gate factors from its ``scale_shift_table`` (1, 6, D) and the time projection, and
+    the latent-frame count when they are per frame: ``temb`` is (B, 6, D) for one timestep per sample, (B, S, 6, D)
+    per token (Wan2.2 TI2V in diffusers), or (B, F, 1, 6, D) per latent frame (see :func:`frame_timesteps`)."""
+    if temb.ndim == 5:
+        return list((table.view(1, 1, 1, 6, -1) + temb.float()).unbind(3)), temb.shape[1]
+    if temb.ndim == 4:
+        return [m.squeeze(2) for m in (table.unsqueeze(0) + temb.float()).chunk(6, dim=2)], None
+    return list((table + temb.float()).chunk(6, dim=1)), None
+
+
+def _by_frame(x: torch.Tensor, frames: int | None) -> torch.Tensor:
+    return x if frames is None else x.unflatten(1, (frames, -1))
+
+
+def _as_tokens(x: torch.Tensor, frames: int | None) -> torch.Tensor:
+    return x if frames is None else x.flatten(1, 2)
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+    """``x * (1 + scale) + shift``; with ``frames``, x (B, S, D) is taken as (B, F, S/F, D) and scale/shift (B, F, 1, D)
+    apply to every token of their latent frame."""
+    return _as_tokens(_by_frame(x, frames) * (1 + scale) + shift, frames)
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+    """``x + y * gate``, per latent frame like :func:`modulate`."""
+    return _as_tokens(_by_frame(x, frames) + _by_frame(y, frames) * gate, frames)
+
+
+def frame_timesteps(timestep: torch.Tensor, batch: int, frames: int, tokens_per_frame: int) -> torch.Tensor | None:
+    """The (B, F) timesteps of a per-token timestep (B, F * T) that is constant within every latent frame, as Wan2.2
+    TI2V's always is (the clean reference frame at 0, the rest at t); None for any other timestep, and for a slice of
+    the tokens (context parallelism hands each rank its own part of the sequence).
+
+    Why: the per-token time embedding costs a (B*S, 6*D) projection and (B, S, 6, D) modulation tensors in every
+    block; per frame they are T times smaller and the result is the same. On the mini model's training step
+    (T = 16 tokens per frame) this is a large part of the time that is not attention or the FFN."""
+    if timestep.ndim != 2 or timestep.shape[0] != batch or timestep.shape[1] != frames * tokens_per_frame:
+        return None
+    grid = timestep.view(batch, frames, tokens_per_frame)
+    if not torch.equal(grid, grid[:, :, :1].expand_as(grid)):
+        return None
+    return grid[:, :, 0]
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -227,7 +269,11 @@ class ActAvatarTransformer(WanTransformer3DModel):
         token_frame = self.token_frames(hidden_states)
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
 
-        if timestep.ndim == 2:
+        per_frame = frame_timesteps(timestep, batch_size, post_f, post_h * post_w)
+        frames = None
+        if per_frame is not None:
+            frames, ts_seq_len, timestep = post_f, post_f, per_frame.flatten()
+        elif timestep.ndim == 2:
             ts_seq_len = timestep.shape[1]
             timestep = timestep.flatten()
         else:
@@ -235,6 +281,8 @@ class ActAvatarTransformer(WanTransformer3DModel):
         temb, timestep_proj, context, _ = self.condition_embedder(timestep, encoder_hidden_states, None,
                                                                   timestep_seq_len=ts_seq_len)
         timestep_proj = timestep_proj.unflatten(2, (6, -1)) if ts_seq_len is not None else timestep_proj.unflatten(1, (6, -1))
+        if frames is not None:  # (B, F, 1, 6, D): the blocks broadcast it over each frame's tokens
+            timestep_proj = timestep_proj.unsqueeze(2)
 
         if paca_mode != "global" and phase_ids is not None:
             ids = phase_ids.to(context.device).clamp(0, self.config.max_phases)
@@ -255,13 +303,15 @@ class ActAvatarTransformer(WanTransformer3DModel):
                 hidden_states = block(hidden_states, context, timestep_proj, rotary_emb, audio_tokens=audio_tokens,
                                       token_frame=token_frame, routing=route, audio_scale=scale)
 
-        if temb.ndim == 3:
+        if frames is not None:  # temb (B, F, D) -> shift, scale (B, F, 1, D)
+            shift, scale = (self.scale_shift_table.view(1, 1, 2, -1).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
+        elif temb.ndim == 3:
             shift, scale = (self.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
             shift, scale = shift.squeeze(2), scale.squeeze(2)
         else:
             shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         shift, scale = shift.to(hidden_states.device), scale.to(hidden_states.device)
-        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = modulate(self.norm_out(hidden_states.float()), scale, shift, frames).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(batch_size, post_f, post_h, post_w, p_t, p_h, p_w, -1)
         output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -7,8 +7,10 @@ from safetensors.torch import save_file
 from actavatar_core.adapter import audio_scales
 from actavatar_core.attention import PhaseRouting
 from actavatar_core.errors import WeightsError
+from actavatar_core import model as model_module
 from actavatar_core.model import (
-    ActAvatarTransformer, adapter_state_dict, build_from_weights, read_actavatar_weights, save_actavatar_weights,
+    ActAvatarTransformer, adapter_state_dict, build_from_weights, frame_timesteps, read_actavatar_weights,
+    save_actavatar_weights,
 )
 from actavatar_core.tiny import tiny_wan_transformer
 
@@ -37,6 +39,44 @@ def test_untrained_adapter_and_single_phase_leave_the_base_model_unchanged():
     for mode in ("global", "learned", "routed"):
         out = model(x, ts, ctx, phase_ids=ids, audio_features=feats, routing=routing, paca_mode=mode).sample
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_timesteps_only_for_timesteps_constant_within_each_latent_frame():
+    ts = torch.tensor([[0.0] * 4 + [600.0] * 8, [0.0] * 4 + [300.0] * 8])
+    torch.testing.assert_close(frame_timesteps(ts, 2, 3, 4), torch.tensor([[0.0, 600.0, 600.0], [0.0, 300.0, 300.0]]))
+    mixed = ts.clone()
+    mixed[0, 5] = 599.0  # one token of frame 1 differs: the per-token path must handle it
+    assert frame_timesteps(mixed, 2, 3, 4) is None
+    assert frame_timesteps(ts[:, :6], 2, 3, 4) is None  # a context-parallel rank's slice of the tokens
+    assert frame_timesteps(torch.tensor([600.0, 300.0]), 2, 3, 4) is None  # one timestep per sample
+
+
+def test_per_frame_modulation_matches_the_per_token_path_in_output_and_gradients(monkeypatch):
+    """The fast path (time embedding and modulation per latent frame) must train exactly like Wan's per-token one."""
+    torch.manual_seed(0)
+    model = ActAvatarTransformer.from_base(tiny_wan_transformer(), **ADAPTER).train()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.audio_attn.to_out[0].weight, std=0.05)
+    x, _, ctx, ids, feats = _inputs()
+    x, ctx, ids, feats = (t.repeat(2, *([1] * (t.dim() - 1))) for t in (x, ctx, ids, feats))
+    ts = torch.tensor([[0.0] * 4 + [600.0] * 8, [0.0] * 4 + [250.0] * 8])
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[2].dim()))
+
+    def run():
+        model.zero_grad()
+        out = model(x, ts, ctx, phase_ids=ids, audio_features=feats, paca_mode="learned").sample
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(model_module, "frame_timesteps", lambda *args: None)
+    slow, slow_grads = run()
+    assert seen == [5, 4]  # (B, F, 1, 6, D) per frame, then Wan's (B, S, 6, D) per token
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == slow_grads.keys() and len(fast_grads) > 20
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @torch.no_grad()
@@ -142,3 +182,33 @@ def test_gradient_checkpointing_training_step_reaches_adapter():
     # zero-initialised output projections still receive gradients, so training can move them
     assert model.blocks[0].audio_attn.to_out[0].weight.grad.abs().sum() > 0
     assert model.phase_embedding.weight.grad[1].abs().sum() > 0
+
+
+def test_bench_timestep_compares_both_ways_on_the_same_inputs(tmp_path, capsys):
+    from actavatar_core import bench
+
+    out = tmp_path / "timestep.json"
+    assert bench.main(["bench", "timestep", "--frames", "3", "--tokens-per-frame", "8", "--dim", "32", "--blocks", "2",
+                       "--repeats", "1", "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["rows"]] == ["per token (diffusers Wan2.2 TI2V)", "per latent frame (ActAvatar)"]
+    assert result["max_abs_difference"] < 1e-5  # the same conditioning, computed per frame
+    assert result["rows"][0]["time_ratio"] == 1.0 and result["rows"][1]["time_ms"] > 0
+    assert "per latent frame (ActAvatar)" in capsys.readouterr().out
+
+
+def test_bench_paca_times_every_mode_against_plain_cross_attention(tmp_path):
+    from actavatar_core import bench
+
+    out = tmp_path / "paca.json"
+    assert bench.main(["bench", "paca", "--frames", "3", "--tokens-per-frame", "8", "--heads", "2", "--head-dim", "8",
+                       "--repeats", "1", "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["rows"]] == ["plain cross-attention", "global", "learned", "routed",
+                                                   "routed feather=2"]
+    assert result["shape"]["video_tokens"] == 24 and result["shape"]["dim"] == 16
+    assert all(r["time_ms"] > 0 for r in result["rows"])
