@@ -191,7 +191,9 @@ def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 o = _attend(q, key.index_select(1, sel), value.index_select(1, sel), backend)
             else:
                 o = _attend(q, key, value, backend, attn_mask=sel)
-            acc = o * weight if acc is None else acc + o * weight
+            if weight != 1.0:  # only feathered frames mix sets; a plain run skips a whole pass over its output
+                o = o * weight
+            acc = o if acc is None else acc + o
         out[:, start:end] = acc
     return out
 

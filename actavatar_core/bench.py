@@ -160,7 +160,8 @@ def bench_timestep(frames: int = 16, tokens_per_frame: int = 220, dim: int = 307
 
     torch.manual_seed(seed)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    embedder = WanTimeTextImageEmbedding(dim, freq_dim, 6 * dim, text_embed_dim=16).to(device).eval()
+    embedder = WanTimeTextImageEmbedding(dim, freq_dim, 6 * dim, text_embed_dim=16).to(device, torch_dtype).eval()
+    embedder.time_embedder.float()  # as in the model, which keeps the sinusoid's MLP in fp32 (_keep_in_fp32_modules)
     tables = [torch.randn(1, 6, dim, device=device) / dim**0.5 for _ in range(blocks)]
     seq = frames * tokens_per_frame
     x = torch.randn(1, seq, dim, device=device, dtype=torch_dtype)
