@@ -560,6 +560,32 @@ def test_bf16_stages_compute_in_bf16_and_keep_fp32_weights(tmp_path, dataset):
     assert seen["block"] == {torch.float32}
 
 
+def test_a_stage_pins_its_own_precision(tmp_path, dataset):
+    """A stage's own ``mixed_precision`` wins over the run's: here the decoder stays fp32 in a bf16 run and stage 0
+    trains in bf16 (the shipped recipe keeps its VAE stages in fp32 and trains the transformer stages in bf16)."""
+    seen: dict[str, set] = {"decoder": set(), "block": set()}
+    cfg = _cfg(tmp_path, dataset, stages=["vae_decoder", "stage0"], mixed_precision="no",
+               stage0={"steps": 2, "prompt": "global", "mixed_precision": "bf16"},
+               vae_decoder={"steps": 2, "lr": 1e-3, "frames": 9, "mixed_precision": "no"})
+    assert cfg.stage_mixed_precision("stage0") == "bf16" and cfg.stage_mixed_precision("vae_decoder") == "no"
+    assert cfg.stage_mixed_precision("stage1") == "no"  # no pin: the run's
+    models, transformer = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+    import actavatar_core.training.recipe as recipe
+
+    models.vae.decoder.conv_in.register_forward_hook(lambda m, a, out: seen["decoder"].add(out.dtype))
+    transformer.blocks[0].ffn.net[0].proj.register_forward_hook(lambda m, a, out: seen["block"].add(out.dtype))
+    real_build = recipe.build_models
+    recipe.build_models = lambda *a, **k: (models, transformer)
+    try:
+        result = run_training(cfg, progress=False, log=lambda m: None)
+    finally:
+        recipe.build_models = real_build
+    assert seen["decoder"] == {torch.float32} and torch.bfloat16 in seen["block"]
+    assert result["report"]["stages"]["stage0"]["mixed_precision"] == "bf16"
+    with pytest.raises(ValueError, match="stage1.mixed_precision must be one of"):
+        _cfg(tmp_path, dataset, stage1={"mixed_precision": "bf17"})
+
+
 def test_config_rejects_unknown_mixed_precision_and_the_cli_overrides_it(tmp_path, dataset):
     from actavatar_core.training.config import load_config
 

@@ -67,6 +67,7 @@ class StageConfig:
     crop: int | None = None  # vae stage: square crop size in pixels (None: whole frames)
     schedule: str = "constant"  # learning rate after warmup: constant, or cosine decay to 10 % at the last step
     motion_weight: float = 0.0  # extra loss weight on what moves in the clip (0: plain mean; see flow.motion_weights)
+    mixed_precision: str | None = None  # this stage's own setting (None: the run's ``mixed_precision``)
     #: transformer stages: this stage's own clips, {"dataset", "synth", "cache"} as in the top-level "data" (the
     #: paper's stage 2 fine-tunes on other clips than stage 1); None: the run's dataset
     data: dict[str, Any] | None = None
@@ -110,6 +111,11 @@ class TrainConfig:
 
     def stage_config(self, name: str) -> StageConfig:
         return self.stage.get(name, StageConfig())
+
+    def stage_mixed_precision(self, name: str) -> str:
+        """A stage's precision setting: its own pin if it has one (the recipe keeps the VAE stages in fp32, as the
+        shipped VAE was made), else the run's."""
+        return self.stage_config(name).mixed_precision or self.mixed_precision
 
     def stage_cache_dir(self, name: str) -> Path:
         """Where a stage with its own ``data`` keeps its cache (the run's cache for the others)."""
@@ -178,6 +184,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
                 raise ValueError(f"{name}.prompt must be one of {PROMPTS}")
             if cfg.motion_weight < 0:
                 raise ValueError(f"{name}.motion_weight must be >= 0 (0 turns it off), not {cfg.motion_weight}")
+            if cfg.mixed_precision is not None and cfg.mixed_precision not in MIXED_PRECISIONS:
+                raise ValueError(f"{name}.mixed_precision must be one of {MIXED_PRECISIONS} (or left out for the run's "
+                                 f"setting), not {cfg.mixed_precision!r}")
             if cfg.schedule not in SCHEDULES:
                 raise ValueError(f"{name}.schedule must be one of {SCHEDULES} (cosine decays to 10 %), not {cfg.schedule!r}")
             stage_cfgs[name] = cfg

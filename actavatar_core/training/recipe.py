@@ -194,12 +194,13 @@ def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -
     return float(loss.detach())
 
 
-def vae_autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
-    """bf16 autocast for a VAE stage when ``mixed_precision`` resolves to bf16 (fp16 would need loss scaling: fp32)."""
+def vae_autocast(cfg: TrainConfig, device: torch.device, stage: str) -> torch.autocast:
+    """bf16 autocast for a VAE stage when its ``mixed_precision`` resolves to bf16 (fp16 would need loss scaling:
+    fp32)."""
     from .trainer import resolve_mixed_precision
 
     return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=resolve_mixed_precision(cfg.mixed_precision, device) == "bf16")
+                          enabled=resolve_mixed_precision(cfg.stage_mixed_precision(stage), device) == "bf16")
 
 
 def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Callable[[str], None] = print,
@@ -231,7 +232,7 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
         x = _clip_batch(pool, rng, batch, clip_frames, scfg.crop).to(device)
         # A deterministic autoencoder (the posterior mean): the diffusion model only ever sees that mean (Wan's
         # pipelines encode with the mode), and without sampling noise the small decoder learns several times faster.
-        with vae_autocast(cfg, device):
+        with vae_autocast(cfg, device, "vae"):
             z = vae.encode(x).latent_dist.mode()
             recon = vae.decode(z).sample
         recon = recon.float()
@@ -292,7 +293,7 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
         x = _clip_batch(pool, rng, batch, scfg.frames, scfg.crop).to(device)
         with torch.no_grad():  # fp32, exactly the latents the cache holds
             z = vae.encode(x).latent_dist.mode()
-        with vae_autocast(cfg, device):
+        with vae_autocast(cfg, device, "vae_decoder"):
             recon = vae.decode(z).sample
         recon = recon.float()
         weights = motion_weights(x, scfg.motion_weight) if scfg.motion_weight > 0 else None

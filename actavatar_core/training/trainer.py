@@ -187,7 +187,7 @@ class StageRunner:
             self.log(f"{self.stage}: already complete, skipping")
             return json.loads((self.dir / "done.json").read_text())
         use_cuda = torch.cuda.is_available()
-        mp = resolve_mixed_precision(cfg.mixed_precision, torch.device("cuda" if use_cuda else "cpu"))
+        mp = resolve_mixed_precision(cfg.stage_mixed_precision(self.stage), torch.device("cuda" if use_cuda else "cpu"))
         acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp, cpu=not use_cuda)
         model = self.model
         if scfg.train == "lora" and self.stage == "stage2":
