@@ -103,6 +103,10 @@ class PhaseRouting:
     def num_frames(self) -> int:
         return len(self.mixtures)
 
+    def base_only(self) -> "PhaseRouting":
+        """The same layout with no phase active anywhere: every frame sees the base block only."""
+        return PhaseRouting(self.block_ids, [((frozenset(), 1.0),)] * self.num_frames)
+
     def key_selection(self, active: frozenset[int], device: torch.device):
         """Indices (shared layout) or a (B, 1, 1, S) boolean mask (per-sample layouts) of visible tokens."""
         cache_key = (active, str(device))

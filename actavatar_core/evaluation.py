@@ -36,7 +36,7 @@ def ensure_test_set(folder: "str | Path", clips: int, duration: float = 3.0, siz
 
 def generate_clip(models: Any, annotation: dict[str, Any], dataset: Path, *, steps: int, text_cfg: float, audio_cfg: float,
                   paca_mode: str, phased_prompt: bool = True, seed: int = 0, negative: str = "",
-                  shift: float = 5.0) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+                  shift: float = 5.0, phase_cfg: float = 0.0) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Generate one test clip from its first frame, its audio and its phase script."""
     from .pipeline import ActAvatarPipeline, GenerationRequest
     from .sampling import SamplingOptions
@@ -50,14 +50,14 @@ def generate_clip(models: Any, annotation: dict[str, Any], dataset: Path, *, ste
         width=int(annotation["width"]), height=int(annotation["height"]), fps=float(annotation["fps"]),
         num_frames=int(annotation["num_frames"]), negative=negative, phased_prompt=phased_prompt,
         options=SamplingOptions(steps=steps, text_cfg=text_cfg, audio_cfg=audio_cfg, seed=seed, paca_mode=paca_mode,
-                                shift=shift))
+                                shift=shift, phase_cfg=phase_cfg))
     result = ActAvatarPipeline(models).generate(request)
     return result.frames, audio, rate, reference
 
 
 def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, bool]], clips: int | None = None,
                    steps: int = 20, text_cfg: float = 3.0, audio_cfg: float = 2.0, shift: float = 5.0,
-                   save_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                   phase_cfg: float = 0.0, save_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score ``models`` on the test set for each (row name, PACA mode, phased prompt) in ``modes``."""
     import torch
 
@@ -71,7 +71,7 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
             with torch.no_grad():
                 frames, audio, rate, ref = generate_clip(models, ann, test_set, steps=steps, text_cfg=text_cfg,
                                                          audio_cfg=audio_cfg, paca_mode=mode, phased_prompt=phased,
-                                                         seed=k, shift=shift)
+                                                         seed=k, shift=shift, phase_cfg=phase_cfg)
             results.append(evaluate_clip(frames, audio, rate, ann, reference=ref))
             if save_dir is not None and k < 4:
                 from .video import write_mp4
@@ -289,6 +289,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--clips", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--modes", default="learned,routed", help="PACA modes to score the model with")
+    p.add_argument("--phase-cfg", type=float, default=None,
+                   help="phase guidance for the model rows (default: the model's; the ablation rows use none)")
     p.add_argument("--ablation", default=None, metavar="BASE_RUN",
                    help="also train and score the ablation variants, starting from this training run's stage 0")
     p.add_argument("--ablation-runs", default=None, metavar="FOLDER",
@@ -325,21 +327,24 @@ def main(argv: list[str]) -> int:
     steps = args.steps or int(d.get("steps", 20))
     text_cfg, audio_cfg = float(d.get("text_cfg", 3.0)), float(d.get("audio_cfg", 2.0))
     shift = float(d.get("shift", 5.0))
+    phase_cfg = float(args.phase_cfg if args.phase_cfg is not None else d.get("phase_cfg", 0.0))
     save = Path(args.save_samples) if args.save_samples else None
     if save:
         save.mkdir(parents=True, exist_ok=True)
     label = models.info.get("name", "model")
     modes = [(f"{label}, PACA {m}", m, True) for m in args.modes.split(",") if m]
     result: dict[str, Any] = {"model": label, "test_set": str(test_set), "clips": args.clips, "steps": steps,
-                              "text_cfg": text_cfg, "audio_cfg": audio_cfg, "shift": shift}
+                              "text_cfg": text_cfg, "audio_cfg": audio_cfg, "phase_cfg": phase_cfg, "shift": shift}
     result["ground_truth"] = score_ground_truth(test_set, args.clips)
     result["vae_reconstruction"] = score_reconstruction(models, test_set, args.clips)
     print(format_table({"test clips themselves (detector ceiling)": result["ground_truth"],
                         "test clips through the model's VAE (the model's ceiling)": result["vae_reconstruction"]},
                        f"Detectors on the {args.clips} ground-truth test clips"))
     result["model_rows"] = evaluate_model(models, test_set, modes=modes, clips=args.clips, steps=steps,
-                                          text_cfg=text_cfg, audio_cfg=audio_cfg, shift=shift, save_dir=save)
-    print(format_table(result["model_rows"], f"Model on {args.clips} held-out synthetic clips ({steps} steps)"))
+                                          text_cfg=text_cfg, audio_cfg=audio_cfg, shift=shift, phase_cfg=phase_cfg,
+                                          save_dir=save)
+    print(format_table(result["model_rows"], f"Model on {args.clips} held-out synthetic clips ({steps} steps, guidance "
+                                             f"text {text_cfg:g} / audio {audio_cfg:g} / phase {phase_cfg:g})"))
     if args.ablation:
         base_run = Path(args.ablation)
         base_cfg = json.loads((base_run / "config.json").read_text())

@@ -35,6 +35,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--feather", type=float, default=0.0, help="routed mode: latent frames of soft blend at phase boundaries")
     p.add_argument("--text-cfg", type=float, default=None)
     p.add_argument("--audio-cfg", type=float, default=None)
+    p.add_argument("--phase-cfg", type=float, default=None,
+                   help="phase guidance: extra push towards the phases' actions (0 turns it off; one more pass per step)")
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--sampler", choices=["unipc", "euler"], default="unipc")
     p.add_argument("--negative", default=None, help="negative prompt (default: the script's, else Wan's default)")
@@ -106,7 +108,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
     options = SamplingOptions(
         steps=pick(args.steps, "steps", 40), text_cfg=pick(args.text_cfg, "text_cfg", 5.0),
         audio_cfg=pick(args.audio_cfg, "audio_cfg", 5.0), shift=pick(args.shift, "shift", 5.0), sampler=args.sampler,
-        seed=args.seed, paca_mode=pick(args.paca_mode, "paca_mode", "learned"), feather=args.feather)
+        seed=args.seed, paca_mode=pick(args.paca_mode, "paca_mode", "learned"), feather=args.feather,
+        phase_cfg=pick(args.phase_cfg, "phase_cfg", 0.0))
     request = GenerationRequest(image=image, audio=audio, phases=phases, width=pick(args.width, "width", 704),
                                 height=pick(args.height, "height", 1280), fps=pick(args.fps, "fps", DEFAULT_FPS),
                                 num_frames=args.frames, negative=pick(args.negative, "negative", None), options=options)

@@ -2,11 +2,16 @@
 
 Guidance (the paper gives text 5.0 and audio 5.0 but not how they combine; ours follows MultiTalk's nesting)::
 
-    v = v(-, -) + s_audio * (v(-, A) - v(-, -)) + s_text * (v(T, A) - v(-, A))
+    v = v(-, -) + s_audio * (v(-, A) - v(-, -)) + s_text * (v(T, A) - v(-, A)) + s_phase * (v(T, A) - v(B, A))
 
 where ``T`` is the phase prompt, ``-`` in the text slot the negative prompt, ``A`` the audio and ``-`` in the audio
 slot the all-zero "no audio" features. With both scales 1 only ``v(T, A)`` is computed; with ``s_audio = 1`` the
 ``v(-, -)`` pass is skipped, with ``s_text = 1`` nothing changes (the ``v(-, A)`` pass is still needed).
+
+Phase guidance (ours, ``s_phase`` > 0, off by default) adds one pass, ``v(B, A)``: the same prompt with every phase
+block hidden from every frame, i.e. what the clip looks like with no action asked for. Text guidance pushes towards
+the whole prompt (identity, background, talking, actions at once); ``v(T, A) - v(B, A)`` is only the actions, and only
+where and when a phase is active, so it can be raised without pushing everything else as hard.
 
 The reference image's latent is the clean first latent frame: its tokens get timestep 0 and it is written back into
 the model input at every step, as in Wan2.2 TI2V (``expand_timesteps``).
@@ -37,6 +42,7 @@ class SamplingOptions:
     paca_mode: str = "learned"  # the paper's PACA; "routed" is our opt-in extension
     feather: float = 0.0
     audio_strength: float = 1.0
+    phase_cfg: float = 0.0  # extra guidance towards the phase blocks (0: off; one more model pass per step)
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -47,6 +53,8 @@ class SamplingOptions:
             raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
+        if self.phase_cfg < 0:
+            raise ValueError(f"phase guidance must be >= 0 (0 turns it off), got {self.phase_cfg}")
         if self.feather < 0:
             raise ValueError(f"feather must be >= 0 latent frames, got {self.feather}")
 
@@ -131,10 +139,12 @@ def sample(transformer: Any, cond: Conditioning, first_latent: torch.Tensor, num
     null_audio = torch.zeros_like(audio) if audio is not None else None
     use_text_cfg = options.text_cfg != 1.0
     use_audio_cfg = audio is not None and options.audio_cfg != 1.0
+    has_phases = cond.routing is not None and bool((cond.routing.block_ids > 0).any())
+    base_routing = cond.routing.base_only() if options.phase_cfg > 0 and has_phases else None
 
-    def velocity(x, t, ctx, ids, feats, routing):
-        return transformer(x, t, ctx, phase_ids=ids, audio_features=feats, routing=routing,
-                           paca_mode=options.paca_mode, audio_strength=options.audio_strength, return_dict=False)[0].float()
+    def velocity(x, t, ctx, ids, feats, routing, mode=options.paca_mode):
+        return transformer(x, t, ctx, phase_ids=ids, audio_features=feats, routing=routing, paca_mode=mode,
+                           audio_strength=options.audio_strength, return_dict=False)[0].float()
 
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
@@ -151,6 +161,10 @@ def sample(transformer: Any, cond: Conditioning, first_latent: torch.Tensor, num
                 v = v + (options.audio_cfg - 1.0) * (v_text_off - v_none)
         else:
             v = v_full
+        if base_routing is not None:
+            # The same prompt with its phase blocks hidden from every frame (routed attention does the hiding).
+            v_base = velocity(model_input, timestep, text, phase_ids, audio, base_routing, "routed")
+            v = v + options.phase_cfg * (v_full - v_base)
         sigma = float(t) / 1000.0
         if on_step is not None:
             denoised = (1 - mask) * condition + mask * (latents - sigma * v)

@@ -71,6 +71,10 @@ class ActAvatarSampler:
                                                  "cross-attention: as trained, progressive (l/L)^gamma, or uniform."}),
             "audio_gamma": ("FLOAT", {"default": 1.5, "min": 0.1, "max": 8.0, "step": 0.1,
                                       "tooltip": "gamma of the progressive schedule."}),
+            "phase_cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                    "tooltip": "Phase guidance: an extra push towards the phases' actions, against the "
+                                               "same prompt with its phases hidden. 0 turns it off; each step then "
+                                               "costs one more model pass. The bundled mini model uses 2."}),
         }}
 
     @classmethod
@@ -87,7 +91,7 @@ class ActAvatarSampler:
     def sample(self, model, conditioning, audio_embeds, image, vae, width: int, height: int, frames: int = 0,
                steps: int = 40, text_cfg: float = 5.0, audio_cfg: float = 5.0, shift: float = 5.0, seed: int = 0,
                sampler: str = "unipc", paca_mode: str = "learned", feather: float = 0.0,
-               audio_schedule: str = "trained", audio_gamma: float = 1.5):
+               audio_schedule: str = "trained", audio_gamma: float = 1.5, phase_cfg: float = 0.0):
         from actavatar_core.phases import latent_frame_count
         from actavatar_core.sampling import Conditioning, SamplingOptions, build_routing, sample
         from actavatar_core.vae import check_size, encode_reference
@@ -98,7 +102,7 @@ class ActAvatarSampler:
         config = transformer.config
         options = SamplingOptions(steps=int(steps), text_cfg=float(text_cfg), audio_cfg=float(audio_cfg),
                                   shift=float(shift), sampler=sampler, seed=int(seed), paca_mode=paca_mode,
-                                  feather=float(feather))
+                                  feather=float(feather), phase_cfg=float(phase_cfg))
         options.check()
         check_size(int(width), int(height))
         # Every input check before any model runs.

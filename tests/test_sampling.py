@@ -77,6 +77,68 @@ def test_guidance_formula(tiny_models):
     torch.testing.assert_close(out[:, :, 1:], expected[:, :, 1:], rtol=1e-4, atol=1e-4)
 
 
+def _phased_cond(models, frames=3):
+    """A prompt of 6 base tokens, phase 1 (tokens 6-9, active on latent frames 1-2) and padding."""
+    from actavatar_core.attention import PhaseRouting
+
+    cond = _cond(models, frames)
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    ids[0, 6:10] = 1
+    cond.phase_ids = ids
+    cond.routing = PhaseRouting.build(ids, [frozenset(), frozenset({1}), frozenset({1})])
+    return cond
+
+
+@pytest.mark.parametrize("mode", ["routed", "learned"])
+def test_phase_guidance_formula(tiny_models, mode):
+    """v = (text/audio guidance) + p (v(T,A) - v(B,A)), B the prompt with its phase blocks hidden from every frame."""
+    from actavatar_core.attention import PhaseRouting
+    from actavatar_core.sampling import initial_noise
+
+    tr = tiny_models.transformer
+    cond = _phased_cond(tiny_models)
+    first = torch.randn(1, 48, 1, 4, 4)
+    opts = SamplingOptions(steps=1, text_cfg=3.0, audio_cfg=2.0, sampler="euler", seed=3, paca_mode=mode, phase_cfg=2.5)
+    out = sample(tr, cond, first, 3, opts)
+    sched = make_scheduler("euler", opts.shift, 1)
+    t = sched.timesteps[0]
+    x = initial_noise((1, 48, 3, 4, 4), 3, "cpu")
+    mask = torch.ones_like(x); mask[:, :, 0] = 0
+    inp = (1 - mask) * first + mask * x
+    ts = (mask[0, 0, :, ::2, ::2].flatten() * t)[None]
+    no_phase = PhaseRouting.build(cond.phase_ids, [frozenset()] * 3)
+    with torch.no_grad():
+        v = lambda ctx, ids, a, r, m=mode: tr(inp, ts, ctx, phase_ids=ids, audio_features=a, routing=r, paca_mode=m).sample
+        full = v(cond.text, cond.phase_ids, cond.audio, cond.routing)
+        text_off = v(cond.negative, None, cond.audio, None)
+        none = v(cond.negative, None, torch.zeros_like(cond.audio), None)
+        base = v(cond.text, cond.phase_ids, cond.audio, no_phase, "routed")
+    assert not torch.allclose(full, base)  # the phase tokens matter, so the check below can fail
+    guided = none + 2.0 * (text_off - none) + 3.0 * (full - text_off) + 2.5 * (full - base)
+    expected = sched.step(guided, t, x, return_dict=False)[0]
+    torch.testing.assert_close(out[:, :, 1:], expected[:, :, 1:], rtol=1e-4, atol=1e-4)
+    off = sample(tr, cond, first, 3, SamplingOptions(steps=1, text_cfg=3.0, audio_cfg=2.0, sampler="euler", seed=3,
+                                                     paca_mode=mode))
+    assert not torch.allclose(out, off)
+
+
+def test_phase_guidance_costs_one_pass_and_only_when_there_are_phases(tiny_models):
+    first = torch.zeros(1, 48, 1, 4, 4)
+    opts = SamplingOptions(steps=2, text_cfg=5.0, audio_cfg=5.0, paca_mode="routed", phase_cfg=2.0)
+    model = CountingModel(tiny_models.transformer)
+    sample(model, _phased_cond(tiny_models), first, 3, opts)
+    assert len(model.calls) == 2 * 4
+    # a prompt with no phase block has nothing to guide towards: no extra pass, the same clip as without
+    plain = _cond(tiny_models)
+    from actavatar_core.attention import PhaseRouting
+    plain.routing = PhaseRouting.build(plain.phase_ids, [frozenset()] * 3)
+    model = CountingModel(tiny_models.transformer)
+    with_pg = sample(model, plain, first, 3, opts)
+    assert len(model.calls) == 2 * 3
+    opts.phase_cfg = 0.0
+    assert torch.equal(with_pg, sample(tiny_models.transformer, plain, first, 3, opts))
+
+
 def test_cancel_stops_before_the_next_step(tiny_models):
     seen = []
     flag = {"stop": False}
@@ -92,7 +154,8 @@ def test_cancel_stops_before_the_next_step(tiny_models):
 
 
 def test_options_are_checked():
-    for bad in (dict(sampler="ddim"), dict(paca_mode="mask"), dict(steps=0), dict(shift=0), dict(feather=-1)):
+    for bad in (dict(sampler="ddim"), dict(paca_mode="mask"), dict(steps=0), dict(shift=0), dict(feather=-1),
+                dict(phase_cfg=-1)):
         with pytest.raises(ValueError):
             SamplingOptions(**bad).check()
 

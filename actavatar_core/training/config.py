@@ -16,7 +16,8 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
                  "transformer": {...}, "vae": {...}, "text_encoder": {...}, "audio_encoder": {...}},  # mini-scratch configs
       "text_len": 512,
       "stages": ["vae", "vae_decoder", "stage0", "stage1", "stage2"],  # any subset, in this order
-      "vae":    {"steps": 1500, "lr": 1e-3, "batch_size": 4, "frames": 9},
+      "vae":    {"steps": 1500, "lr": 1e-3, "batch_size": 4, "frames": 9,
+                 "mixed_precision": "no"},                 # any stage: its own precision (default: the run's)
       "vae_decoder": {"steps": 1000, "lr": 3e-4, "frames": 21, "motion_weight": 4.0},  # decoder only, encoder frozen
       "stage0": {"steps": 2000, "lr": 5e-4, "prompt": "global"},   # backbone pretraining (mini only; Wan is pretrained)
       "stage1": {"steps": 1000, "lr": 5e-4, "prompt": "caption"},  # paper stage 1: audio adapter only, brief captions
@@ -32,7 +33,7 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
       "checkpoint_every": 200, "validate_every": 0, "validate_steps": 10,
       "audio_schedule": "progressive", "audio_gamma": 1.5,
       "paca_mode": "learned",
-      "generation": {"steps": 20, "text_cfg": 3.0, "audio_cfg": 2.0}   # defaults stored in the exported model
+      "generation": {"steps": 20, "text_cfg": 3.0, "audio_cfg": 2.0, "phase_cfg": 0.0}  # defaults stored in the exported model
     }
 
 Paper values for a full-size run: stage1 20K steps and stage2 14K steps, batch 40, lr 5e-6, AdamW.
@@ -52,7 +53,8 @@ STAGES = ("vae", "vae_decoder", "stage0", "stage1", "stage2")
 PROMPTS = ("caption", "global", "phased")
 SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
-GENERATION_KEYS = {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "shift", "paca_mode", "negative", "sampler"}
+GENERATION_KEYS = {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "phase_cfg", "shift", "paca_mode", "negative",
+                   "sampler"}
 
 
 @dataclass
