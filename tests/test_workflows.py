@@ -171,5 +171,5 @@ def test_sampler_uses_the_bundled_model_defaults(name):
     defaults = json.loads((ROOT / "actavatar_core" / "weights" / "mini" / "actavatar_model.json").read_text())["info"]["defaults"]
     _, api = load(name)
     sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "ActAvatarSampler")
-    for key in ("width", "height", "steps", "text_cfg", "audio_cfg", "shift", "paca_mode"):
+    for key in ("width", "height", "steps", "text_cfg", "audio_cfg", "phase_cfg", "shift", "paca_mode"):
         assert sampler[key] == defaults[key], key
