@@ -55,6 +55,18 @@ def test_guidance_runs_only_the_passes_it_needs(tiny_models, text_cfg, audio_cfg
     assert t.shape == (1, 3 * 4) and (t[0, :4] == 0).all() and (t[0, 4:] > 0).all()
 
 
+def _one_euler_step(first, opts):
+    """What a one-step Euler ``sample`` feeds the model, rebuilt by hand for 3 latent frames of 4x4:
+    (scheduler, timestep, noise, model input with the clean first frame, per-token timesteps)."""
+    from actavatar_core.sampling import initial_noise
+
+    sched = make_scheduler("euler", opts.shift, 1)
+    t = sched.timesteps[0]
+    x = initial_noise((1, 48, 3, 4, 4), opts.seed, "cpu")
+    mask = torch.ones_like(x); mask[:, :, 0] = 0
+    return sched, t, x, (1 - mask) * first + mask * x, (mask[0, 0, :, ::2, ::2].flatten() * t)[None]
+
+
 def test_guidance_formula(tiny_models):
     """v = v(-,-) + a (v(-,A) - v(-,-)) + t (v(T,A) - v(-,A)), checked on one Euler step against manual passes."""
     tr = tiny_models.transformer
@@ -62,13 +74,7 @@ def test_guidance_formula(tiny_models):
     first = torch.randn(1, 48, 1, 4, 4)
     opts = SamplingOptions(steps=1, text_cfg=3.0, audio_cfg=2.0, sampler="euler", seed=3, paca_mode="learned")
     out = sample(tr, cond, first, 3, opts)
-    sched = make_scheduler("euler", opts.shift, 1)
-    t = sched.timesteps[0]
-    from actavatar_core.sampling import initial_noise
-    x = initial_noise((1, 48, 3, 4, 4), 3, "cpu")
-    mask = torch.ones_like(x); mask[:, :, 0] = 0
-    inp = (1 - mask) * first + mask * x
-    ts = (mask[0, 0, :, ::2, ::2].flatten() * t)[None]
+    sched, t, x, inp, ts = _one_euler_step(first, opts)
     with torch.no_grad():
         v = lambda ctx, ids, a: tr(inp, ts, ctx, phase_ids=ids, audio_features=a, paca_mode="learned").sample
         full, text_off, none = v(cond.text, cond.phase_ids, cond.audio), v(cond.negative, None, cond.audio), v(cond.negative, None, torch.zeros_like(cond.audio))
@@ -93,19 +99,13 @@ def _phased_cond(models, frames=3):
 def test_phase_guidance_formula(tiny_models, mode):
     """v = (text/audio guidance) + p (v(T,A) - v(B,A)), B the prompt with its phase blocks hidden from every frame."""
     from actavatar_core.attention import PhaseRouting
-    from actavatar_core.sampling import initial_noise
 
     tr = tiny_models.transformer
     cond = _phased_cond(tiny_models)
     first = torch.randn(1, 48, 1, 4, 4)
     opts = SamplingOptions(steps=1, text_cfg=3.0, audio_cfg=2.0, sampler="euler", seed=3, paca_mode=mode, phase_cfg=2.5)
     out = sample(tr, cond, first, 3, opts)
-    sched = make_scheduler("euler", opts.shift, 1)
-    t = sched.timesteps[0]
-    x = initial_noise((1, 48, 3, 4, 4), 3, "cpu")
-    mask = torch.ones_like(x); mask[:, :, 0] = 0
-    inp = (1 - mask) * first + mask * x
-    ts = (mask[0, 0, :, ::2, ::2].flatten() * t)[None]
+    sched, t, x, inp, ts = _one_euler_step(first, opts)
     no_phase = PhaseRouting.build(cond.phase_ids, [frozenset()] * 3)
     with torch.no_grad():
         v = lambda ctx, ids, a, r, m=mode: tr(inp, ts, ctx, phase_ids=ids, audio_features=a, routing=r, paca_mode=m).sample

@@ -525,27 +525,26 @@ def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkey
                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def test_bf16_stages_compute_in_bf16_and_keep_fp32_weights(tmp_path, dataset):
-    """mixed_precision bf16 on the CPU: the transformer and the VAE decoder run their matmuls and convolutions in bf16
-    (autocast), while the weights they update stay fp32 and the frozen encoder still encodes in fp32."""
-    seen: dict[str, set] = {"decoder": set(), "encoder": set(), "block": set()}
-    cfg = _cfg(tmp_path, dataset, stages=["vae_decoder", "stage0"], mixed_precision="bf16",
-               stage0={"steps": 2, "prompt": "global"}, vae_decoder={"steps": 2, "lr": 1e-3, "frames": 9})
-    models, transformer = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+def _train_watching_dtypes(cfg, dataset, monkeypatch):
+    """Run ``cfg`` and record the output dtypes of the VAE decoder's and encoder's first conv and of one transformer
+    layer, as (result, {"decoder", "encoder", "block"} -> set of dtypes); the hooks stay on the returned models."""
     import actavatar_core.training.recipe as recipe
 
-    def spy(name):
-        return lambda module, args, out: seen[name].add(out.dtype)
+    seen: dict[str, set] = {"decoder": set(), "encoder": set(), "block": set()}
+    models, transformer = build_models(cfg, read_annotations(dataset), log=lambda m: None)
+    for name, module in (("decoder", models.vae.decoder.conv_in), ("encoder", models.vae.encoder.conv_in),
+                         ("block", transformer.blocks[0].ffn.net[0].proj)):
+        module.register_forward_hook(lambda m, args, out, name=name: seen[name].add(out.dtype))
+    monkeypatch.setattr(recipe, "build_models", lambda *a, **k: (models, transformer))
+    return run_training(cfg, progress=False, log=lambda m: None), seen
 
-    models.vae.decoder.conv_in.register_forward_hook(spy("decoder"))
-    models.vae.encoder.conv_in.register_forward_hook(spy("encoder"))
-    transformer.blocks[0].ffn.net[0].proj.register_forward_hook(spy("block"))
-    real_build = recipe.build_models
-    recipe.build_models = lambda *a, **k: (models, transformer)
-    try:
-        result = run_training(cfg, progress=False, log=lambda m: None)
-    finally:
-        recipe.build_models = real_build
+
+def test_bf16_stages_compute_in_bf16_and_keep_fp32_weights(tmp_path, dataset, monkeypatch):
+    """mixed_precision bf16 on the CPU: the transformer and the VAE decoder run their matmuls and convolutions in bf16
+    (autocast), while the weights they update stay fp32 and the frozen encoder still encodes in fp32."""
+    cfg = _cfg(tmp_path, dataset, stages=["vae_decoder", "stage0"], mixed_precision="bf16",
+               stage0={"steps": 2, "prompt": "global"}, vae_decoder={"steps": 2, "lr": 1e-3, "frames": 9})
+    result, seen = _train_watching_dtypes(cfg, dataset, monkeypatch)
     assert torch.bfloat16 in seen["decoder"] and torch.bfloat16 in seen["block"]
     assert seen["encoder"] == {torch.float32}  # cache encoding and the frozen encoder's training inputs stay exact
     assert result["report"]["stages"]["stage0"]["mixed_precision"] == "bf16"
@@ -560,26 +559,15 @@ def test_bf16_stages_compute_in_bf16_and_keep_fp32_weights(tmp_path, dataset):
     assert seen["block"] == {torch.float32}
 
 
-def test_a_stage_pins_its_own_precision(tmp_path, dataset):
+def test_a_stage_pins_its_own_precision(tmp_path, dataset, monkeypatch):
     """A stage's own ``mixed_precision`` wins over the run's: here the decoder stays fp32 in a bf16 run and stage 0
     trains in bf16 (the shipped recipe keeps its VAE stages in fp32 and trains the transformer stages in bf16)."""
-    seen: dict[str, set] = {"decoder": set(), "block": set()}
     cfg = _cfg(tmp_path, dataset, stages=["vae_decoder", "stage0"], mixed_precision="no",
                stage0={"steps": 2, "prompt": "global", "mixed_precision": "bf16"},
                vae_decoder={"steps": 2, "lr": 1e-3, "frames": 9, "mixed_precision": "no"})
     assert cfg.stage_mixed_precision("stage0") == "bf16" and cfg.stage_mixed_precision("vae_decoder") == "no"
     assert cfg.stage_mixed_precision("stage1") == "no"  # no pin: the run's
-    models, transformer = build_models(cfg, read_annotations(dataset), log=lambda m: None)
-    import actavatar_core.training.recipe as recipe
-
-    models.vae.decoder.conv_in.register_forward_hook(lambda m, a, out: seen["decoder"].add(out.dtype))
-    transformer.blocks[0].ffn.net[0].proj.register_forward_hook(lambda m, a, out: seen["block"].add(out.dtype))
-    real_build = recipe.build_models
-    recipe.build_models = lambda *a, **k: (models, transformer)
-    try:
-        result = run_training(cfg, progress=False, log=lambda m: None)
-    finally:
-        recipe.build_models = real_build
+    result, seen = _train_watching_dtypes(cfg, dataset, monkeypatch)
     assert seen["decoder"] == {torch.float32} and torch.bfloat16 in seen["block"]
     assert result["report"]["stages"]["stage0"]["mixed_precision"] == "bf16"
     with pytest.raises(ValueError, match="stage1.mixed_precision must be one of"):
