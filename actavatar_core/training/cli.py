@@ -14,7 +14,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--export", default=None, help="write the trained model folder here (default: OUTPUT_DIR/model)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=None,
-                   help="override mixed_precision (auto: bf16 where the GPU or CPU computes it natively)")
+                   help="override the run's mixed_precision (auto: bf16 where the GPU or CPU computes it natively); "
+                        "a stage that pins its own, as the mini recipe's VAE stages do, keeps it")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv[1:])
     from ..errors import ActAvatarError
