@@ -71,9 +71,11 @@ class ActAvatarSampler:
                                                  "cross-attention: as trained, progressive (l/L)^gamma, or uniform."}),
             "audio_gamma": ("FLOAT", {"default": 1.5, "min": 0.1, "max": 8.0, "step": 0.1,
                                       "tooltip": "gamma of the progressive schedule."}),
+        }, "optional": {
+            # Optional, so API prompts saved before it existed still validate (ComfyUI rejects a missing required input).
             "phase_cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                     "tooltip": "Phase guidance: an extra push towards the phases' actions, against the "
-                                               "same prompt with its phases hidden. 0 turns it off; each step then "
+                                               "same prompt with its phases hidden. 0 turns it off; above 0 each step "
                                                "costs one more model pass. The bundled mini model uses 2."}),
         }}
 

@@ -139,6 +139,9 @@ def test_input_names_and_defaults():
             sampler["shift"][1]["default"]) == (40, 5.0, 5.0, 5.0)
     assert sampler["seed"][1]["control_after_generate"] is True
     assert sampler["sampler"][0] == ["unipc", "euler"] and sampler["paca_mode"][0] == ["routed", "learned", "global"]
+    # added later: optional, so API prompts saved without it still validate, and off unless asked for
+    assert "phase_cfg" not in sampler
+    assert ActAvatarSampler.INPUT_TYPES()["optional"]["phase_cfg"][1]["default"] == 0.0
     save = ActAvatarSaveVideo.INPUT_TYPES()
     assert save["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"} and ActAvatarSaveVideo.OUTPUT_NODE
 

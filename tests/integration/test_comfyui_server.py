@@ -288,6 +288,7 @@ def test_core_video_workflow_runs_and_requeue_reuses_the_loaded_models(comfy, ws
     path = server.base_dir / "output" / saved["subfolder"] / saved["filename"]
     check_mp4(path, expected_frames(server, api_workflow("actavatar_core_video", names)), 25.0)
     prompt["10"]["inputs"]["seed"] = 8
+    del prompt["10"]["inputs"]["phase_cfg"]  # as API prompts saved before phase guidance existed: still valid
     again = queue(server, prompt, ws.client_id)
     assert ws.wait_done(again, server) == "execution_success", server.log_tail()
     cached = set(ws.of("execution_cached", again)[0]["nodes"])
