@@ -14,7 +14,10 @@ Modes (see ``PACA_MODES``):
 * ``routed`` with ``feather=N`` - frames within N/2 latent frames of a phase boundary blend the outputs of the
   sets before and after the boundary with a linear ramp, so actions do not switch on a hard cut.
 
-Key/value tokens are projected once for the whole prompt; a run only gathers the rows it may see.
+Key/value tokens are projected once for the whole prompt; a run only gathers the rows it may see. When nothing
+stands between the processor and a plain output projection (see :func:`_projects_in_place`), each hard run's attention
+output is projected straight into its own rows of the layer's result, so it is never copied into place: on a GPU that
+copy was most of what routing added to a layer.
 """
 
 from __future__ import annotations
@@ -202,6 +205,41 @@ def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out
 
 
+def _projects_in_place(out_proj: torch.nn.Module, query: torch.Tensor) -> bool:
+    """Whether each run can be projected with ``addmm(..., out=rows)``: a plain ``nn.Linear`` with no hooks (peft
+    LoRA, ComfyUI's casting ops and diffusers' offloading wrap or hook it, and keep the per-run path), in the query's
+    dtype, no autocast and no autograd (``out=`` supports neither)."""
+    return (type(out_proj) is torch.nn.Linear and not out_proj._forward_hooks and not out_proj._forward_pre_hooks
+            and not hasattr(out_proj, "_diffusers_hook") and out_proj.weight.dtype == query.dtype
+            and out_proj.weight.device == query.device and not torch.is_autocast_enabled(query.device.type)
+            and not (torch.is_grad_enabled() and (query.requires_grad or out_proj.weight.requires_grad)))
+
+
+def routed_attention_projected(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, routing: PhaseRouting,
+                               token_frame: torch.Tensor, out_proj: torch.nn.Linear, backend=None) -> torch.Tensor | None:
+    """Hard routed attention and the output projection together: (B, S, H, D) in, (B, S, out_features) out. Each
+    run's attention output goes through ``out_proj`` into its own rows of the result. None for feathered routing."""
+    runs = routing.runs(token_frame)
+    if any(len(mixture) != 1 for _, _, mixture in runs):
+        return None
+    batch, tokens = query.shape[:2]
+    result = query.new_empty(batch, tokens, out_proj.out_features)
+    weight = out_proj.weight.t()
+    for start, end, ((active, _),) in runs:
+        kind, sel = routing.key_selection(active, query.device)
+        if kind == "index":
+            o = _attend(query[:, start:end], key.index_select(1, sel), value.index_select(1, sel), backend)
+        else:
+            o = _attend(query[:, start:end], key, value, backend, attn_mask=sel)
+        for b in range(batch):
+            rows = result[b, start:end]
+            if out_proj.bias is None:
+                torch.mm(o[b].flatten(1), weight, out=rows)
+            else:
+                torch.addmm(out_proj.bias, o[b].flatten(1), weight, out=rows)
+    return result
+
+
 class PACAProcessor:
     """Text cross-attention processor for ``WanAttention`` (``block.attn2``).
 
@@ -223,6 +261,9 @@ class PACAProcessor:
             out = _attend(query, key, value, self._attention_backend, attn_mask=attention_mask)
         elif isinstance(routing, BatchRouting):
             out = _attend(query, key, value, self._attention_backend, attn_mask=routing.mask(token_frame, query.device))
+        elif _projects_in_place(attn.to_out[0], query) and (projected := routed_attention_projected(
+                query, key, value, routing, token_frame, attn.to_out[0], self._attention_backend)) is not None:
+            return attn.to_out[1](projected)
         else:
             out = routed_attention(query, key, value, routing, token_frame, self._attention_backend)
         out = out.flatten(2, 3).type_as(query)

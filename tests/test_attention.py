@@ -162,3 +162,43 @@ def test_frame_audio_attention_is_per_frame(attn):
     shard = slice(HW // 2, 3 * HW + 3)
     part = FrameAudioProcessor()(attn, x[:, shard], audio, token_frame=tf[:, shard])
     torch.testing.assert_close(part, out[:, shard], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_runs_projected_in_place_equal_the_assembled_output(attn, monkeypatch):
+    """Each hard run goes through the output projection into its own rows; hooks, autograd or feathering keep the
+    assembled path, and both give the same layer output."""
+    from actavatar_core import attention as A
+
+    x, ctx, ids = _inputs()
+    x2, ctx2, _ = _inputs(seed=2)
+    active = [frozenset({1}), frozenset({1}), frozenset(), frozenset({2}), frozenset({2}), frozenset({1, 2})]
+    routing = PhaseRouting.build(torch.cat([ids, ids]), active)
+    tf = token_frame_index(FRAMES, HW)
+    xs, cs = torch.cat([x, x2]), torch.cat([ctx, ctx2])
+    assert A._projects_in_place(attn.to_out[0], xs)
+    calls = []
+    handle = attn.to_out[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assembled = PACAProcessor()(attn, xs, cs, routing=routing, token_frame=tf)
+    finally:
+        handle.remove()
+    assert calls == [1]  # a hooked projection (LoRA, offloading, casting) is called as a module
+    monkeypatch.setattr(A, "routed_attention", lambda *a, **k: pytest.fail("the attention output was assembled"))
+    in_place = PACAProcessor()(attn, xs, cs, routing=routing, token_frame=tf)
+    torch.testing.assert_close(in_place, assembled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(in_place[:1], _dense_reference(attn, x, ctx, ids, active), rtol=1e-5, atol=1e-5)
+
+
+def test_projecting_in_place_needs_a_plain_inference_linear(attn):
+    from actavatar_core.attention import _projects_in_place
+
+    q = torch.zeros(1, 4, DIM)
+    with torch.no_grad():
+        assert _projects_in_place(attn.to_out[0], q)
+        assert not _projects_in_place(attn.to_out[0], q.double())  # dtype mismatch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not _projects_in_place(attn.to_out[0], q)
+    assert not _projects_in_place(attn.to_out[0], q)  # autograd on: out= cannot record the graph
+    wrapped = torch.nn.Sequential(attn.to_out[0])
+    assert not _projects_in_place(wrapped, q)
