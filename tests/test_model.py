@@ -213,4 +213,4 @@ def test_bench_paca_times_every_mode_against_plain_cross_attention(tmp_path):
     assert [r["mode"] for r in result["rows"]] == ["plain cross-attention", "global", "learned", "routed",
                                                    "routed feather=2"]
     assert result["shape"]["video_tokens"] == 24 and result["shape"]["dim"] == 16
-    assert all(r["time_ms"] > 0 for r in result["rows"])
+    assert all(r["time_ms"] > 0 for r in result["rows"]) and result["phase_embedding_once_per_forward_ms"] > 0
