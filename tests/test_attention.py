@@ -202,3 +202,7 @@ def test_projecting_in_place_needs_a_plain_inference_linear(attn):
     assert not _projects_in_place(attn.to_out[0], q)  # autograd on: out= cannot record the graph
     wrapped = torch.nn.Sequential(attn.to_out[0])
     assert not _projects_in_place(wrapped, q)
+    offloaded = torch.nn.Linear(DIM, DIM)
+    offloaded.forward = lambda x: torch.nn.Linear.forward(offloaded, x)  # how accelerate's offload hooks attach
+    with torch.no_grad():
+        assert not _projects_in_place(offloaded, q)
