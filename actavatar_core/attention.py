@@ -185,6 +185,15 @@ def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor):
     return (query.unflatten(2, (attn.heads, -1)), key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1)))
 
 
+def _attend_visible(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, routing: PhaseRouting,
+                    active: frozenset[int], backend=None) -> torch.Tensor:
+    """Attention of some video tokens to the text tokens that frames with ``active`` phases may see."""
+    kind, sel = routing.key_selection(active, query.device)
+    if kind == "index":
+        return _attend(query, key.index_select(1, sel), value.index_select(1, sel), backend)
+    return _attend(query, key, value, backend, attn_mask=sel)
+
+
 def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, routing: PhaseRouting,
                      token_frame: torch.Tensor, backend=None) -> torch.Tensor:
     """Run attention per token run against the keys its frames may see. Shapes (B, S, H, D)."""
@@ -193,11 +202,7 @@ def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         q = query[:, start:end]
         acc = None
         for active, weight in mixture:
-            kind, sel = routing.key_selection(active, query.device)
-            if kind == "index":
-                o = _attend(q, key.index_select(1, sel), value.index_select(1, sel), backend)
-            else:
-                o = _attend(q, key, value, backend, attn_mask=sel)
+            o = _attend_visible(q, key, value, routing, active, backend)
             if weight != 1.0:  # only feathered frames mix sets; a plain run skips a whole pass over its output
                 o = o * weight
             acc = o if acc is None else acc + o
@@ -228,11 +233,7 @@ def routed_attention_projected(query: torch.Tensor, key: torch.Tensor, value: to
     result = query.new_empty(batch, tokens, out_proj.out_features)
     weight = out_proj.weight.t()
     for start, end, ((active, _),) in runs:
-        kind, sel = routing.key_selection(active, query.device)
-        if kind == "index":
-            o = _attend(query[:, start:end], key.index_select(1, sel), value.index_select(1, sel), backend)
-        else:
-            o = _attend(query[:, start:end], key, value, backend, attn_mask=sel)
+        o = _attend_visible(query[:, start:end], key, value, routing, active, backend)
         for b in range(batch):
             rows = result[b, start:end]
             if out_proj.bias is None:
