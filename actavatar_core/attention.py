@@ -213,7 +213,7 @@ def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def _projects_in_place(out_proj: torch.nn.Module, query: torch.Tensor) -> bool:
     """Whether each run can be projected with ``addmm(..., out=rows)``: a plain ``nn.Linear`` with no hooks and its
     own forward (peft LoRA and ComfyUI's casting ops wrap it, diffusers' and accelerate's offloading hook or replace
-    its forward; all of them keep the per-run path), in the query's dtype, no autocast and no autograd (``out=``
+    its forward; all of them keep the assembled path), in the query's dtype, no autocast and no autograd (``out=``
     supports neither)."""
     return (type(out_proj) is torch.nn.Linear and not out_proj._forward_hooks and not out_proj._forward_pre_hooks
             and "forward" not in vars(out_proj) and not hasattr(out_proj, "_diffusers_hook")
