@@ -6,9 +6,9 @@
 // A value is kept verbatim until the user edits it (an invalid one is shown with its error, never rewritten); an edit
 // writes PhaseScript.dumps() form (see phase_model.mjs).
 //
-// How it hooks into ComfyUI frontend 1.35.x: beforeRegisterNodeDef sets `widgetType` on the phase_script input spec,
-// and getCustomWidgets provides that widget type, so the frontend builds this widget instead of its textarea while the
-// input socket stays STRING. Edits call the active workflow's changeTracker.checkState() so they join undo/redo.
+// How it hooks into the ComfyUI frontend (1.49.x and the newest release are tested): beforeRegisterNodeDef sets
+// `widgetType` on the phase_script input spec, and getCustomWidgets provides that widget type, so the frontend builds
+// this widget instead of its textarea while the input socket stays STRING. Edits call the active workflow's changeTracker.checkState() so they join undo/redo.
 //
 // app/api come from window.comfyAPI (what /scripts/app.js re-exports) so the file works at any depth under
 // WEB_DIRECTORY.
@@ -22,12 +22,15 @@ const NODE_CLASS = "ActAvatarPhasePrompt";
 const INPUT_NAME = "phase_script";
 const WIDGET_TYPE = "ACTAVATAR_PHASE_TIMELINE";
 const SNAP_PROPERTY = "actavatar_snap";
+// Colour slot of each phase (see PM.carryColours), kept in the workflow so undo/redo and reloading keep colours.
+const COLOUR_PROPERTY = "actavatar_colours";
 const SNAP_CHOICES = [0, 0.01, 0.05, 0.1, 0.2, 0.25, 0.5, 1];
 const MIN_HEIGHT = 330;
 const MIN_WIDTH = 520;
 const MESSAGE_MS = 4000;
 const PEAK_BUCKETS = 4000;
-// Fill colours for phase blocks; white text stays readable on all of them in dark and light themes.
+// Fill colours for phase blocks (PM.COLOUR_SLOTS of them); white text stays readable on all of them in dark and light
+// themes.
 const COLOURS = ["#2f6db0", "#b0562c", "#2f8a4c", "#8048b0", "#96701f", "#1f7f83", "#b03a6a", "#55657a"];
 
 const TIMELINES = new WeakMap(); // node -> Timeline
@@ -221,6 +224,7 @@ class Timeline {
     this.node = node;
     this.value = typeof initialValue === "string" ? initialValue : "";
     this.script = null;
+    this.slots = []; // colour slot per phase of this.script
     this.parseError = null;
     this.selected = -1;
     this.drag = null;
@@ -265,11 +269,13 @@ class Timeline {
     this.selected = -1;
     this.drag = null;
     this.preview = null;
-    this.parse();
+    this.parse({ stored: true });
     this.render();
   }
 
-  parse() {
+  /** Parse this.value; colours carry over from the previous script (or, with `stored`, come from the workflow). */
+  parse({ stored = false } = {}) {
+    const prev = this.script;
     try {
       this.script = PM.parseScript(this.value);
       this.parseError = null;
@@ -277,11 +283,22 @@ class Timeline {
       this.script = null;
       this.parseError = err instanceof PM.PhaseScriptError ? err.message : String(err);
     }
+    const saved = this.node.properties?.[COLOUR_PROPERTY];
+    if (!this.script) this.slots = [];
+    else if (stored && PM.validColours(this.script, saved)) this.slots = [...saved];
+    else this.slots = PM.carryColours(prev, this.slots, this.script);
+  }
+
+  storeColours() {
+    this.node.properties = this.node.properties || {};
+    this.node.properties[COLOUR_PROPERTY] = [...this.slots];
   }
 
   /** Make `script` the widget value (the contract's JSON string) and tell ComfyUI. */
   commit(script, { select = this.selected, reason = null, track = true } = {}) {
+    this.slots = PM.carryColours(this.script, this.slots, script);
     this.script = script;
+    this.storeColours();
     this.parseError = null;
     this.value = PM.dumps(script);
     this.selected = select;
@@ -411,6 +428,7 @@ class Timeline {
       this.rawMode = true;
       this.value = this.raw.value;
       this.parse();
+      if (this.script) this.storeColours();
       this.widget?.callback?.(this.value);
       this.node.setDirtyCanvas?.(true, true);
       this.render({ keepRaw: true });
@@ -607,10 +625,10 @@ class Timeline {
 
   deleteSelected() {
     if (!this.script || this.selected < 0) return;
-    const name = `Phase ${this.selected + 1}`;
+    const message = PM.deletedMessage(this.selected);
     const r = PM.deletePhase(this.script, this.selected);
     this.commit(r.script, { select: -1 });
-    this.say(`${name} deleted (Ctrl+Z undoes).`, false);
+    this.say(message, false);
     this.timeline.focus({ preventScroll: true });
   }
 
@@ -618,6 +636,7 @@ class Timeline {
     this.message = { text, warn, until: Date.now() + MESSAGE_MS };
     clearTimeout(this.messageTimer);
     this.messageTimer = setTimeout(() => this.renderStatus(), MESSAGE_MS + 50);
+    this.renderStatus();
   }
 
   // ---------------------------------------------------------------------------------------- execution & polling
@@ -749,6 +768,7 @@ class Timeline {
       return;
     }
     const selected = this.preview?.index ?? this.selected;
+    const slots = script === this.script ? this.slots : PM.carryColours(this.script, this.slots, script);
     const pins = [];
     script.phases.forEach((p, i) => {
       const block = el("div", "aa-block");
@@ -757,7 +777,8 @@ class Timeline {
       block.style.left = pct(left);
       block.style.width = `${(Math.max(0, Math.abs(p.end - p.start)) / clip.span) * 100}%`;
       // Solid where the label is, see-through over the waveform lane (the lower half of the track).
-      const colour = COLOURS[i % COLOURS.length];
+      block.dataset.colour = String(slots[i]);
+      const colour = COLOURS[slots[i] % COLOURS.length];
       block.style.background = `linear-gradient(to bottom, ${colour} 0 50%, ${colour}66 50% 100%)`;
       if (i === selected) block.classList.add("sel");
       const label = el("span", "aa-label");

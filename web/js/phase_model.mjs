@@ -830,3 +830,81 @@ export function setBase(script, base) {
 export function setNegative(script, negative) {
   return { base: script.base, negative: String(negative), phases: script.phases };
 }
+
+// ------------------------------------------------------------------------------------------ colours
+// A phase's colour belongs to the phase, not to its position: adding a phase in front of others, deleting one or
+// moving one leaves every other phase's colour as it was. Colours are slots (small integers the widget maps to its
+// palette); the script itself carries no identities, so slots are carried from one script to the next by matching
+// phases.
+
+/** Number of distinct colour slots the timeline's palette has. */
+export const COLOUR_SLOTS = 8;
+
+function overlap(a, b) {
+  return Math.min(a.end, b.end) - Math.max(a.start, b.start);
+}
+
+/**
+ * Colour slots for `next`'s phases, carried from `prev` (whose phases had `prevSlots`).
+ *
+ * A phase of `next` takes the slot of the `prev` phase it continues: an identical phase (same times and text)
+ * first, then one with the same text (moved or resized), then the most overlapping one (text edited). Phases
+ * matching nothing (new ones) get the lowest slot no other phase uses, so a script seen for the first time is
+ * coloured in time order and an undone delete gets its colour back. Returns one slot per phase of `next` (the
+ * widget shows slot s in palette colour s % COLOUR_SLOTS).
+ */
+export function carryColours(prev, prevSlots, next) {
+  const nextPhases = next?.phases ?? [];
+  const prevPhases = prev?.phases ?? [];
+  const usable = Array.isArray(prevSlots) && prevSlots.length === prevPhases.length;
+  const out = new Array(nextPhases.length).fill(-1);
+  if (usable) {
+    const free = new Set(prevPhases.keys());
+    const take = (matches) => {
+      nextPhases.forEach((p, i) => {
+        if (out[i] >= 0) return;
+        let best = -1;
+        let bestScore = 0;
+        for (const j of free) {
+          const score = matches(p, prevPhases[j]);
+          if (score > bestScore) {
+            best = j;
+            bestScore = score;
+          }
+        }
+        if (best >= 0) {
+          out[i] = prevSlots[best];
+          free.delete(best);
+        }
+      });
+    };
+    take((a, b) => (a.start === b.start && a.end === b.end && a.text === b.text ? 1 : 0));
+    take((a, b) => (a.text === b.text ? 1 / (1 + Math.abs(a.start - b.start)) : 0));
+    take((a, b) => Math.max(0, overlap(a, b)));
+  }
+  const used = new Set(out.filter((s) => s >= 0));
+  for (let i = 0; i < out.length; i++) {
+    if (out[i] >= 0) continue;
+    let slot = 0;
+    while (used.has(slot)) slot++;
+    out[i] = slot;
+    used.add(slot);
+  }
+  return out;
+}
+
+/** Whether `value` is a valid stored slot list for `script` (one distinct non-negative integer per phase). */
+export function validColours(script, value) {
+  const n = script?.phases?.length ?? -1;
+  return (
+    Array.isArray(value) &&
+    value.length === n &&
+    value.every((s) => Number.isInteger(s) && s >= 0) &&
+    new Set(value).size === value.length
+  );
+}
+
+/** The status line after deleting the phase at index i (0-based), as the timeline shows it. */
+export function deletedMessage(i) {
+  return `Phase ${i + 1} deleted (Ctrl+Z undoes).`;
+}

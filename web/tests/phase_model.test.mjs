@@ -281,3 +281,87 @@ describe("editing", () => {
     assert.equal(M.phaseAt(base(), 3), 1);
   });
 });
+
+describe("phase colours follow the phase, not its position", () => {
+  const two = () =>
+    M.parseScript({
+      base: "A man talks",
+      phases: [
+        { start: 1, end: 2, text: "waves" },
+        { start: 3, end: 4, text: "nods" },
+      ],
+    });
+  const ctx = { end: 8, step: 0.1 };
+
+  test("a script seen for the first time is coloured in time order", () => {
+    assert.deepEqual(M.carryColours(null, [], two()), [0, 1]);
+    assert.deepEqual(M.carryColours(two(), undefined, two()), [0, 1]);
+  });
+
+  test("adding a phase in front keeps the others' colours and gives it a new one", () => {
+    const s = two();
+    const slots = M.carryColours(null, [], s);
+    const r = M.addPhase(s, 0.2, 0.8, "", ctx);
+    assert.equal(r.index, 0);
+    const after = M.carryColours(s, slots, r.script);
+    assert.deepEqual(after, [2, 0, 1]);
+    // typing its text, then adding another phase between the others
+    const typed = M.setPhaseText(r.script, 0, "blinks").script;
+    const typedSlots = M.carryColours(r.script, after, typed);
+    assert.deepEqual(typedSlots, [2, 0, 1]);
+    const mid = M.addPhase(typed, 2.2, 2.8, "smiles", ctx);
+    assert.deepEqual(M.carryColours(typed, typedSlots, mid.script), [2, 0, 3, 1]);
+  });
+
+  test("delete frees the colour; an undone delete gets it back", () => {
+    const s = M.addPhase(two(), 5, 6, "points", ctx).script;
+    const slots = [0, 1, 2];
+    const d = M.deletePhase(s, 1).script;
+    const left = M.carryColours(s, slots, d);
+    assert.deepEqual(left, [0, 2]);
+    assert.deepEqual(M.carryColours(d, left, s), [0, 1, 2]);
+  });
+
+  test("moving or resizing keeps the colour, also across a phase with the same text", () => {
+    const s = M.parseScript({
+      base: "x",
+      phases: [
+        { start: 1, end: 2, text: "nods" },
+        { start: 3, end: 4, text: "nods" },
+      ],
+    });
+    const slots = [5, 2];
+    const moved = M.movePhase(s, 1, 1.5, ctx);
+    assert.deepEqual(M.carryColours(s, slots, moved.script), [5, 2]);
+    const resized = M.resizePhase(s, 0, "start", 0.2, ctx);
+    assert.deepEqual(M.carryColours(s, slots, resized.script), [5, 2]);
+  });
+
+  test("a reordering edit carries each colour with its phase", () => {
+    const s = two();
+    // the second phase's value changed by hand so that it now comes first
+    const swapped = M.parseScript({
+      base: "A man talks",
+      phases: [
+        { start: 1, end: 2, text: "waves" },
+        { start: 0, end: 0.5, text: "nods" },
+      ],
+    });
+    assert.deepEqual(swapped.phases.map((p) => p.text), ["nods", "waves"]);
+    assert.deepEqual(M.carryColours(s, [0, 1], swapped), [1, 0]);
+  });
+
+  test("stored colours are checked against the script", () => {
+    const s = two();
+    assert.ok(M.validColours(s, [3, 0]));
+    assert.ok(!M.validColours(s, [0]));
+    assert.ok(!M.validColours(s, [1, 1]));
+    assert.ok(!M.validColours(s, [0, -1]));
+    assert.ok(!M.validColours(s, [0, 0.5]));
+    assert.ok(!M.validColours(s, "0,1"));
+  });
+
+  test("the delete message names the phase by its number", () => {
+    assert.equal(M.deletedMessage(1), "Phase 2 deleted (Ctrl+Z undoes).");
+  });
+});
