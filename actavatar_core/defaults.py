@@ -41,7 +41,7 @@ def mini_model_available() -> bool:
 
 def load_default_models(device: Any = "cpu", dtype: Any = None, smoke: bool = False):
     """(models, generation defaults): the bundled mini model, or tiny random models for a smoke run."""
-    from .pipeline import load_model_folder, tiny_models
+    from .bundle import load_model_folder, tiny_models
 
     if mini_model_available() and not smoke:
         models = load_model_folder(MINI_MODEL_DIR, device=device, dtype=dtype)

@@ -316,7 +316,7 @@ def main(argv: list[str]) -> int:
         p.error("--ablation-variants and --ablation-guidance apply to --ablation-runs (scoring trained variants)")
 
     from .defaults import load_default_models
-    from .pipeline import load_model_folder
+    from .bundle import load_model_folder
 
     test_set = ensure_test_set(args.test_set, args.clips)
     if args.model:

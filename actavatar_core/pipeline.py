@@ -1,13 +1,12 @@
 """One call from (reference image, speech, phase script) to video frames or an MP4 file.
 
-``ActAvatarPipeline`` holds the five models (transformer, VAE, umT5 + tokenizer, wav2vec2) and runs: validate
+``ActAvatarPipeline`` holds the five models (an :class:`~actavatar_core.bundle.ActAvatarModels`) and runs: validate
 inputs -> encode prompt and audio -> encode the reference image -> sample -> decode (streamed) -> write the MP4.
 The ComfyUI nodes call the same steps one by one, so both paths share every line of math.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .audio import AudioEmbedding, encode_audio
+from .bundle import ActAvatarModels
 from .errors import PhaseScriptError
 from .model import compute_dtype
 from .phases import DEFAULT_FPS, PhaseScript, latent_frame_count
@@ -24,24 +24,6 @@ from .sampling import Conditioning, SamplingOptions, StepInfo, build_routing, ca
 from .text import DEFAULT_NEGATIVE, EncodedPrompt, encode_plain, encode_script
 from .vae import check_size, decode_latents, decode_stream, encode_reference
 from .video import Mp4Writer, load_image
-
-#: Files of a model folder in ActAvatar's own layout (the bundled mini model uses it).
-MODEL_INDEX = "actavatar_model.json"
-
-
-@dataclass
-class ActAvatarModels:
-    transformer: Any  # ActAvatarTransformer
-    vae: Any  # AutoencoderKLWan
-    text_encoder: Any  # UMT5EncoderModel
-    tokenizer: Any
-    audio_encoder: Any  # Wav2Vec2Model
-    audio_config: dict = field(default_factory=lambda: {"do_normalize": True})
-    info: dict = field(default_factory=dict)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
 
 
 @dataclass
@@ -153,83 +135,3 @@ class ActAvatarPipeline:
                 writer.add(chunk)
             result.path = writer.close()
         return result
-
-
-# ---------------------------------------------------------------------------------------------- model folders
-def save_model_folder(models: ActAvatarModels, folder: "str | os.PathLike", *, transformer_dtype: torch.dtype | None = None,
-                      info: dict | None = None) -> Path:
-    """Write the five models in ActAvatar's folder layout (diffusers/transformers ``save_pretrained`` folders plus
-    the ActAvatar weights file), e.g. for the bundled mini model."""
-    from .model import save_actavatar_weights
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    base = models.transformer
-    base_sd = {k: v for k, v in base.state_dict().items()}
-    from .model import is_adapter_key
-    from safetensors.torch import save_file
-
-    (folder / "transformer").mkdir(exist_ok=True)
-    base_config = base.base_config()
-    base_config["_class_name"] = "WanTransformer3DModel"
-    (folder / "transformer" / "config.json").write_text(json.dumps(base_config, indent=2))
-    save_file({k: (v.to(transformer_dtype) if transformer_dtype and v.is_floating_point() else v).contiguous()
-               for k, v in base_sd.items() if not is_adapter_key(k)},
-              str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    save_actavatar_weights(base, folder / "actavatar.safetensors", dtype=transformer_dtype)
-    models.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    models.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    models.tokenizer.save_pretrained(folder / "tokenizer")
-    models.audio_encoder.save_pretrained(folder / "audio_encoder", safe_serialization=True)
-    index = {"format": "actavatar-model", "version": 1, "audio_config": models.audio_config, "info": info or models.info}
-    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2))
-    return folder
-
-
-def load_model_folder(folder: "str | os.PathLike", *, device: Any = "cpu", dtype: torch.dtype | None = None) -> ActAvatarModels:
-    """Load a folder written by :func:`save_model_folder`, or an index (``layout: comfyui-files``) over the five
-    single files of :func:`~actavatar_core.export.export_comfyui_files`. All local files; nothing is downloaded."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel, Wav2Vec2Model
-
-    from .errors import WeightsError
-    from .model import build_from_weights
-
-    folder = Path(folder)
-    index_path = folder / MODEL_INDEX
-    if not index_path.is_file():
-        raise WeightsError(f"'{folder}' is not an ActAvatar model folder (no {MODEL_INDEX}).",
-                           "Point --model-dir at a folder written by ActAvatar (e.g. the bundled mini model).")
-    index = json.loads(index_path.read_text())
-    if index.get("layout") == "comfyui-files":  # the five single files ComfyUI users keep (the bundled mini model)
-        from .export import load_comfyui_files
-
-        models = load_comfyui_files(folder / index.get("files", "comfyui"), name=index["name"], dtype=dtype, device=device)
-        models.info.update(index.get("info", {}))
-        return models
-    base = WanTransformer3DModel.from_pretrained(folder / "transformer", local_files_only=True, torch_dtype=dtype)
-    transformer = build_from_weights(base, folder / "actavatar.safetensors").to(device).eval()
-    vae = AutoencoderKLWan.from_pretrained(folder / "vae", local_files_only=True).to(device).eval()
-    text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", local_files_only=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    audio_encoder = Wav2Vec2Model.from_pretrained(folder / "audio_encoder", local_files_only=True).to(device).eval()
-    return ActAvatarModels(transformer, vae, text_encoder, tokenizer, audio_encoder,
-                           index.get("audio_config", {"do_normalize": True}), index.get("info", {}))
-
-
-def tiny_models(seed: int = 0, device: Any = "cpu") -> ActAvatarModels:
-    """Randomly initialised tiny models of the real classes: the smoke run, and tests. Their output is noise-like."""
-    from .model import ActAvatarTransformer
-    from .tiny import TINY_UMT5, TINY_WAV2VEC2, tiny_audio_encoder, tiny_text_encoder, tiny_tokenizer, tiny_vae, tiny_wan_transformer
-
-    tokenizer = tiny_tokenizer()
-    text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-    audio_encoder = tiny_audio_encoder(seed=seed)
-    base = tiny_wan_transformer(seed=seed, text_dim=TINY_UMT5["d_model"])
-    torch.manual_seed(seed)
-    transformer = ActAvatarTransformer.from_base(base, audio_feature_dim=TINY_WAV2VEC2["hidden_size"],
-                                                 audio_num_layers=TINY_WAV2VEC2["num_hidden_layers"] + 1)
-    vae = tiny_vae(seed=seed)
-    models = ActAvatarModels(transformer.to(device), vae.to(device), text_encoder.to(device), tokenizer,
-                             audio_encoder.to(device), {"do_normalize": True}, {"name": "tiny-random (smoke run)"})
-    return models

@@ -77,7 +77,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .defaults import demo_inputs, load_default_models, resolve_device
-    from .pipeline import ActAvatarPipeline, GenerationRequest, load_model_folder
+    from .bundle import load_model_folder
+    from .pipeline import ActAvatarPipeline, GenerationRequest
     from .sampling import SamplingOptions
 
     from .parallel import distributed_env, enable_context_parallel, init_distributed, shutdown_distributed

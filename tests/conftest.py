@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    from actavatar_core.pipeline import tiny_models as build
+    from actavatar_core.bundle import tiny_models as build
 
     return build(seed=0)
 

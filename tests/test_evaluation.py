@@ -41,7 +41,7 @@ def test_table_shows_missing_figures_as_na():
 
 @pytest.mark.slow
 def test_scores_a_model_on_a_written_test_split(tmp_path):
-    from actavatar_core.pipeline import tiny_models
+    from actavatar_core.bundle import tiny_models
 
     test_set = evaluation.ensure_test_set(tmp_path / "test", clips=1, duration=1.0, size=64)
     ann = json.loads((test_set / "annotations.jsonl").read_text().splitlines()[0])
@@ -64,7 +64,7 @@ def test_ground_truth_clips_score_as_the_ceiling(tmp_path):
 
 @pytest.mark.slow
 def test_vae_reconstruction_row_scores_the_clips_through_the_models_vae(tmp_path):
-    from actavatar_core.pipeline import tiny_models
+    from actavatar_core.bundle import tiny_models
 
     test_set = evaluation.ensure_test_set(tmp_path / "test", clips=1, duration=1.0, size=64)
     truth = evaluation.score_ground_truth(test_set)

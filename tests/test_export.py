@@ -1,5 +1,5 @@
-"""``actavatar_core.export``: a trained model written as the five ComfyUI files and loaded back with the
-community-file loaders must be the same model (same forward passes, same tokens, same generated frames).
+"""``actavatar_core.bundle``'s single-file export and ``actavatar export``: a trained model written as the five
+ComfyUI files and loaded back with the community-file loaders must be the same model (same forward passes, same tokens, same generated frames).
 
 The models are the tiny random ones with what training changes made non-trivial, so that losing any of it in the
 files would show: a SentencePiece tokenizer (as the training recipe builds it), non-zero adapter weights, trained
@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 import community_checkpoints as cc
-from actavatar_core import export as ex
+from actavatar_core import bundle
 from actavatar_core import loading as L
 from actavatar_core.convert import wan_transformer as wt
 from actavatar_core.convert import wan_vae as vae_conv
@@ -33,7 +33,7 @@ def _trained_tiny_models():
     """tiny_models() made to look trained (see the module docstring)."""
     from actavatar_core.convert.spm import build_tokenizer
     from actavatar_core.phases import PhaseScript
-    from actavatar_core.pipeline import tiny_models
+    from actavatar_core.bundle import tiny_models
     from actavatar_core.text import DEFAULT_NEGATIVE, assemble_prompt
     from actavatar_core.tiny import tiny_text_encoder
     from actavatar_core.training.recipe import train_sentencepiece
@@ -62,8 +62,8 @@ def exported(tmp_path_factory):
     """(original models, written paths, models loaded back from them): exported once for the module."""
     models = _trained_tiny_models()
     folder = tmp_path_factory.mktemp("comfy_models")
-    paths = ex.export_comfyui_files(models, folder, name="mini_test", dtype=None)
-    return models, paths, ex.load_comfyui_files(paths)
+    paths = bundle.export_comfyui_files(models, folder, name="mini_test", dtype=None)
+    return models, paths, bundle.load_comfyui_files(paths)
 
 
 def _request(portrait, speech) -> GenerationRequest:
@@ -183,10 +183,10 @@ def test_generation_is_identical(exported, portrait, speech):
 # ================================================================================================ precision, CLI
 def test_fp16_export_is_half_and_close(exported, tmp_path):
     models, _, _ = exported
-    paths = ex.export_comfyui_files(models, tmp_path, name="half")  # default: fp16, like ComfyUI's releases
+    paths = bundle.export_comfyui_files(models, tmp_path, name="half")  # default: fp16, like ComfyUI's releases
     for part in ("transformer", "vae", "text_encoder", "audio_encoder"):
         assert L.identify_checkpoint(paths[part]).dtype == "float16", part
-    loaded = ex.load_comfyui_files(tmp_path, name="half", dtype=torch.float32)
+    loaded = bundle.load_comfyui_files(tmp_path, name="half", dtype=torch.float32)
     x = torch.randn(1, 48, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     text = torch.randn(1, 6, models.transformer.config.text_dim, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_cli_exports_a_model_folder(exported, tmp_path, capsys):
                "--dtype", "fp32"])
     assert rc == 0, capsys.readouterr().err
     assert "diffusion_models" in capsys.readouterr().out
-    loaded = ex.load_comfyui_files(tmp_path / "out", name="cli")
+    loaded = bundle.load_comfyui_files(tmp_path / "out", name="cli")
     assert loaded.info["spiece_model"] == models.info["spiece_model"]
     assert L.identify_checkpoint(tmp_path / "out" / "vae" / "cli_vae.safetensors").dtype == "float32"
     assert main(["export", "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--name", "cli"]) == 2
@@ -221,21 +221,21 @@ def test_refusals_leave_nothing_behind(exported, tmp_path):
     try:
         models.info.pop("spiece_model")
         with pytest.raises(WeightsError, match="SentencePiece"):
-            ex.export_comfyui_files(models, tmp_path / "a", dtype=None)
+            bundle.export_comfyui_files(models, tmp_path / "a", dtype=None)
         models.info["spiece_model"] = cc.tiny_spm_bytes()  # a different SentencePiece model
         with pytest.raises(WeightsError, match="does not tokenize like"):
-            ex.export_comfyui_files(models, tmp_path / "a", dtype=None)
+            bundle.export_comfyui_files(models, tmp_path / "a", dtype=None)
     finally:
         models.info.clear()
         models.info.update(info)
     assert not (tmp_path / "a").exists()
     with pytest.raises(OutputPathError, match="file name"):
-        ex.export_comfyui_files(models, tmp_path / "b", name="../escape")
+        bundle.export_comfyui_files(models, tmp_path / "b", name="../escape")
     target = tmp_path / "c" / "vae" / "mini_vae.safetensors"
     target.parent.mkdir(parents=True)
     target.write_bytes(b"keep me")
     with pytest.raises(OutputPathError, match="already exists"):
-        ex.export_comfyui_files(models, tmp_path / "c", name="mini")
+        bundle.export_comfyui_files(models, tmp_path / "c", name="mini")
     assert target.read_bytes() == b"keep me" and not (tmp_path / "c" / "diffusion_models").exists()
 
 

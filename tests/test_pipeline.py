@@ -7,7 +7,8 @@ import torch
 from actavatar_core.errors import (
     AudioInputError, GenerationCancelled, ImageInputError, OutputPathError, PhaseScriptError, SizeError,
 )
-from actavatar_core.pipeline import ActAvatarPipeline, GenerationRequest, load_model_folder, save_model_folder
+from actavatar_core.bundle import load_model_folder, save_model_folder
+from actavatar_core.pipeline import ActAvatarPipeline, GenerationRequest
 from actavatar_core.sampling import SamplingOptions
 from actavatar_core.video import probe_video, read_video
 

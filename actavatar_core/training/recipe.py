@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..pipeline import ActAvatarModels
+from ..bundle import ActAvatarModels
 from .config import TrainConfig
 from .data import Annotation, global_prompt, preprocess, read_annotations, CachedClips
 
@@ -91,7 +91,7 @@ def build_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[
     if init == "mini-scratch":
         return _mini_models(cfg, annotations, log)
     if init == "folder":
-        from ..pipeline import load_model_folder
+        from ..bundle import load_model_folder
 
         models = load_model_folder(cfg.models["folder"])
         return models, models.transformer
@@ -509,7 +509,7 @@ def load_stage_weights(transformer: Any, stage_dir: Path) -> None:
 
 def export_model(models: ActAvatarModels, folder: "str | Path", info: dict[str, Any]) -> Path:
     """The trained model as an ActAvatar model folder (what ``--model-dir`` and the bundled default load)."""
-    from ..pipeline import save_model_folder
+    from ..bundle import save_model_folder
 
     spm = models.info.get("spiece_model")
     out = save_model_folder(models, folder, info=info)
