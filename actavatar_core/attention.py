@@ -13,6 +13,13 @@ Modes (see ``PACA_MODES``):
   (one boolean mask per sample) instead.
 * ``routed`` with ``feather=N`` - frames within N/2 latent frames of a phase boundary blend the outputs of the
   sets before and after the boundary with a linear ramp, so actions do not switch on a hard cut.
+* ``relay``   - Prompt Relay (arXiv 2604.10030), training-free soft routing: as ``learned``, every text token stays
+  visible to every frame, but a frame's attention logits on phase k's tokens get the additive penalty
+  ``-d**2 / (2 * width**2)``, where ``d`` is the frame's distance, in latent frames, to the nearest latent frame at
+  which k is active (0 inside k's window; base, end and padding tokens are never penalised). ``width`` is in latent
+  frames, as ``feather`` is. ``width -> 0`` is ``routed``, ``width -> inf`` is ``learned``. It reads the same
+  :class:`PhaseRouting` bookkeeping as ``routed`` (wrapped in :class:`RelayRouting` to carry the width) and runs
+  one attention call with a float bias gathered per video token from a (frames x text tokens) table.
 
 Key/value tokens are projected once for the whole prompt; a run only gathers the rows it may see. When nothing
 stands between the processor and a plain output projection (see :func:`_projects_in_place`), each hard run's attention
@@ -28,7 +35,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-PACA_MODES = ("global", "learned", "routed")
+from .errors import ActAvatarError
+
+PACA_MODES = ("global", "learned", "routed", "relay")
+#: Modes whose text attention follows the phase script's frame-to-phase routing.
+ROUTING_MODES = ("routed", "relay")
 
 #: (first token, end token, ((active phase set, weight), ...)) for one contiguous run of video tokens.
 TokenRun = tuple[int, int, tuple[tuple[frozenset[int], float], ...]]
@@ -96,6 +107,7 @@ class PhaseRouting:
     mixtures: list[tuple[tuple[frozenset[int], float], ...]]
     _key_index: dict = field(default_factory=dict, repr=False)
     _runs: dict = field(default_factory=dict, repr=False)
+    _relay: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, block_ids: torch.Tensor, active: Sequence[frozenset[int]], *, frame_times: Sequence[float] = (),
@@ -109,6 +121,33 @@ class PhaseRouting:
     def base_only(self) -> "PhaseRouting":
         """The same layout with no phase active anywhere: every frame sees the base block only."""
         return PhaseRouting(self.block_ids, [((frozenset(), 1.0),)] * self.num_frames)
+
+    def active_sets(self) -> list[frozenset[int]]:
+        """Each latent frame's active phases. Only hard routing has one set per frame; relay softens boundaries with
+        its own width, so a feathered routing is refused rather than guessed at."""
+        if any(len(m) != 1 for m in self.mixtures):
+            raise ActAvatarError("Relay attention reads hard routing, but this routing is feathered.",
+                                 "Build the routing with feather 0; relay's width already softens the phase boundaries.")
+        return [m[0][0] for m in self.mixtures]
+
+    def phase_distance(self) -> torch.Tensor:
+        """(F, K + 1) float32 on the CPU: latent frames from frame f to the nearest frame at which phase k is active;
+        column 0 (the base block) is 0. A phase that is active at no frame (its window falls between latent frames or
+        outside the clip) counts as F frames away from every frame: ``routed`` hides it everywhere, and a finite
+        distance keeps the infinite-width limit equal to ``learned``."""
+        if "distance" not in self._relay:
+            sets = self.active_sets()
+            frames = len(sets)
+            phases = max([int(self.block_ids.max()) if self.block_ids.numel() else 0] + [max(a) for a in sets if a])
+            active = torch.zeros(frames, phases + 1, dtype=torch.bool)
+            active[:, 0] = True
+            for f, phase_set in enumerate(sets):
+                active[f, list(phase_set)] = True
+            index = torch.arange(frames, dtype=torch.float32)
+            gap = (index[:, None] - index[None, :]).abs()  # (F, F) latent frames between frames f and g
+            distance = torch.where(active[None], gap[:, :, None], torch.inf).amin(1)  # (F, K + 1)
+            self._relay["distance"] = torch.nan_to_num(distance, posinf=float(frames))
+        return self._relay["distance"]
 
     def key_selection(self, active: frozenset[int], device: torch.device):
         """Indices (shared layout) or a (B, 1, 1, S) boolean mask (per-sample layouts) of visible tokens."""
@@ -172,6 +211,118 @@ class BatchRouting:
         """(B, 1, N, S) boolean attention mask for the video tokens whose latent frames are ``token_frame``."""
         frames = token_frame.reshape(-1).to(self.visible.device)
         return self.visible[:, frames][:, None].to(device)
+
+
+def relay_penalty(distance: torch.Tensor, width: float) -> torch.Tensor:
+    """Prompt Relay's logit penalty ``-d**2 / (2 * width**2)`` for distances ``d`` in latent frames (any shape).
+    0 where ``d == 0``; ``width == 0`` gives ``-inf`` wherever ``d > 0`` (hard routing), ``width == inf`` gives 0
+    everywhere (no routing)."""
+    width = float(width)
+    if not width >= 0:  # also catches NaN
+        raise ActAvatarError(f"The relay width must be >= 0 latent frames, got {width}.",
+                             "Use a positive width such as 2 (0 is routed mode, a very large width is learned mode).")
+    if width == 0:
+        return torch.where(distance > 0, -torch.inf, 0.0).to(distance.dtype)
+    return -0.5 * (distance / width) ** 2
+
+
+def relay_bias(routing: PhaseRouting, width: float, *, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B', F, S) additive attention-logit bias of latent frame f on text token s in ``relay`` mode.
+
+    ``routing`` is hard (feather 0) with ``block_ids`` (B, S); B' is 1 when every sample shares one token layout (it
+    broadcasts over the batch), else B. Entry (b, f, s) is :func:`relay_penalty` of frame f's distance (latent frames,
+    :meth:`PhaseRouting.phase_distance`) to the phase of token s of sample b; base, end and padding tokens get 0.
+    Cached on ``routing`` per width, device and dtype: it is F x S, so every layer of every step reuses it.
+    """
+    cache_key = ("bias", float(width), str(device), dtype)
+    if cache_key not in routing._relay:
+        table = relay_penalty(routing.phase_distance(), width)  # (F, K + 1)
+        ids = routing.block_ids.cpu().long()
+        if ids.shape[0] > 1 and bool((ids == ids[:1]).all()):
+            ids = ids[:1]
+        routing._relay[cache_key] = table[:, ids].transpose(0, 1).to(device=device, dtype=dtype).contiguous()
+    return routing._relay[cache_key]
+
+
+def relay_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, routing: PhaseRouting,
+                    token_frame: torch.Tensor, width: float, backend=None) -> torch.Tensor:
+    """``relay`` attention: every video token attends to every text token, with its frame's :func:`relay_bias` row
+    added to the logits. ``query`` (B, N, H, D) for N local video tokens, ``key``/``value`` (B, S, H, D),
+    ``token_frame`` (1, N) or (N,) the latent frame of each query token; returns (B, N, H, D).
+
+    One attention call: the (B', F, S) table is gathered into a (B', 1, N, S) float mask in the query's dtype (N x S
+    values, small beside the (N, H*D) query at text lengths of a few hundred tokens), which broadcasts over heads
+    (and over the batch for a shared layout). The attention backend must accept an additive mask (native SDPA does).
+    """
+    bias = relay_bias(routing, width, device=query.device, dtype=query.dtype)
+    mask = bias.index_select(1, token_frame.reshape(-1).to(query.device)).unsqueeze(1)
+    return _attend(query, key, value, backend, attn_mask=mask)
+
+
+@dataclass(frozen=True)
+class RelayRouting:
+    """A hard :class:`PhaseRouting` plus the relay width (latent frames): what ``relay`` mode attends through.
+    ``relay_attention(..., relay.routing, token_frame, relay.width)`` is what the processor runs."""
+
+    routing: PhaseRouting
+    width: float
+
+    def __post_init__(self) -> None:
+        relay_penalty(torch.zeros(1), self.width)  # refuses a negative or NaN width
+        self.routing.active_sets()  # refuses a feathered routing now rather than inside a layer
+
+    @property
+    def num_frames(self) -> int:
+        return self.routing.num_frames
+
+
+def routing_for_mode(paca_mode: str, routing: "PhaseRouting | BatchRouting | RelayRouting | None",
+                     phase_ids: torch.Tensor | None) -> "PhaseRouting | BatchRouting | RelayRouting | None":
+    """The routing a forward in ``paca_mode`` hands to its text attention (None: plain attention).
+
+    ``global`` and ``learned`` ignore any routing; ``routed`` takes a :class:`PhaseRouting` or :class:`BatchRouting`
+    (None falls back to plain attention, as it always has); ``relay`` takes a :class:`RelayRouting` and refuses what
+    would silently run another mode.
+    """
+    if paca_mode not in ROUTING_MODES:
+        return None
+    if paca_mode == "routed":
+        if isinstance(routing, RelayRouting):
+            raise ActAvatarError("A relay routing was given to routed mode.",
+                                 "Use paca_mode 'relay' for it, or pass its hard routing (relay.routing) to routed mode.")
+        return routing
+    if isinstance(routing, RelayRouting):
+        return routing
+    if isinstance(routing, BatchRouting):
+        raise ActAvatarError("Relay PACA has no per-sample routing for training batches.",
+                             "Train in routed or learned mode; relay is a training-free mode for sampling.")
+    if isinstance(routing, PhaseRouting):
+        raise ActAvatarError("Relay PACA needs a width beside the frame-to-phase routing.",
+                             "Pass RelayRouting(routing, width), or sample with SamplingOptions(paca_mode='relay', "
+                             "relay_width=...).")
+    if phase_ids is not None and bool((phase_ids > 0).any()):
+        raise ActAvatarError("Relay PACA got phase blocks but no frame-to-phase routing, so every frame would see "
+                             "every phase (learned mode).",
+                             "Pass routing=RelayRouting(build_routing(...), width); training supports global, learned "
+                             "and routed only.")
+    return None
+
+
+def phase_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    routing: "PhaseRouting | BatchRouting | RelayRouting | None", token_frame: torch.Tensor | None,
+                    backend=None) -> torch.Tensor:
+    """Text cross-attention of video tokens under any routing, at the q/k/v level (no diffusers ``Attention``
+    object): None is plain attention, a :class:`PhaseRouting` hard or feathered ``routed``, a :class:`RelayRouting`
+    ``relay``, a :class:`BatchRouting` per-sample hard routing. ``query`` (B, N, H, D), ``key``/``value``
+    (B, S, H, D), ``token_frame`` (1, N) or (N,) the latent frame of each query token; returns (B, N, H, D)."""
+    if routing is None or token_frame is None:
+        return _attend(query, key, value, backend)
+    if isinstance(routing, RelayRouting):
+        return relay_attention(query, key, value, routing.routing, token_frame, routing.width, backend)
+    if isinstance(routing, BatchRouting):
+        return _attend(query, key, value, backend, attn_mask=routing.mask(token_frame, query.device))
+    return routed_attention(query, key, value, routing, token_frame, backend)
 
 
 def _project(attn, hidden_states: torch.Tensor, context: torch.Tensor):
@@ -255,20 +406,19 @@ class PACAProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None,
-                 routing: "PhaseRouting | BatchRouting | None" = None,
+                 routing: "PhaseRouting | BatchRouting | RelayRouting | None" = None,
                  token_frame: torch.Tensor | None = None) -> torch.Tensor:
         if attn.add_k_proj is not None:
             raise ValueError("PACA supports Wan text-to-video/TI2V cross-attention (no CLIP image branch).")
         query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         if routing is None or token_frame is None:
             out = _attend(query, key, value, self._attention_backend, attn_mask=attention_mask)
-        elif isinstance(routing, BatchRouting):
-            out = _attend(query, key, value, self._attention_backend, attn_mask=routing.mask(token_frame, query.device))
-        elif _projects_in_place(attn.to_out[0], query) and (projected := routed_attention_projected(
-                query, key, value, routing, token_frame, attn.to_out[0], self._attention_backend)) is not None:
+        elif isinstance(routing, PhaseRouting) and _projects_in_place(attn.to_out[0], query) and (
+                projected := routed_attention_projected(query, key, value, routing, token_frame, attn.to_out[0],
+                                                        self._attention_backend)) is not None:
             return attn.to_out[1](projected)
         else:
-            out = routed_attention(query, key, value, routing, token_frame, self._attention_backend)
+            out = phase_attention(query, key, value, routing, token_frame, self._attention_backend)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

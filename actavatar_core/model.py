@@ -35,7 +35,8 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from .adapter import AudioProjection, audio_scales
-from .attention import PACA_MODES, BatchRouting, FrameAudioProcessor, PACAProcessor, PhaseRouting, token_frame_index
+from .attention import (PACA_MODES, BatchRouting, FrameAudioProcessor, PACAProcessor, PhaseRouting, RelayRouting,
+                        routing_for_mode, token_frame_index)
 from .errors import WeightsError
 
 WEIGHTS_FORMAT = "actavatar"
@@ -243,7 +244,7 @@ class ActAvatarTransformer(WanTransformer3DModel):
         encoder_hidden_states: torch.Tensor,
         phase_ids: torch.Tensor | None = None,
         audio_features: torch.Tensor | None = None,
-        routing: PhaseRouting | BatchRouting | None = None,
+        routing: PhaseRouting | BatchRouting | RelayRouting | None = None,
         paca_mode: str = "learned",
         audio_strength: float = 1.0,
         return_dict: bool = True,
@@ -254,7 +255,7 @@ class ActAvatarTransformer(WanTransformer3DModel):
 
         ``phase_ids`` (B, S) are the text tokens' block ids; ``audio_features`` (B, F, W, L, C) the wav2vec2
         windows per latent frame (None: no audio); ``routing`` the frame-to-phase routing used in ``routed`` mode (a
-        :class:`BatchRouting` when the samples follow different scripts);
+        :class:`BatchRouting` when the samples follow different scripts) and, as a :class:`RelayRouting`, in ``relay``;
         ``audio_strength`` scales every audio residual on top of the depth schedule (0 turns audio off).
         """
         if paca_mode not in PACA_MODES:
@@ -292,7 +293,7 @@ class ActAvatarTransformer(WanTransformer3DModel):
             audio_tokens = self.audio_proj(audio_features.to(device=hidden_states.device, dtype=hidden_states.dtype))
             if audio_tokens.shape[1] != post_f:
                 raise ValueError(f"audio features cover {audio_tokens.shape[1]} latent frames, the video has {post_f}")
-        route = routing if paca_mode == "routed" else None
+        route = routing_for_mode(paca_mode, routing, phase_ids)
         scales = [s * audio_strength for s in self.audio_block_scales()]
 
         for block, scale in zip(self.blocks, scales):

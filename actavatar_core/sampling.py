@@ -11,7 +11,8 @@ slot the all-zero "no audio" features. With both scales 1 only ``v(T, A)`` is co
 Phase guidance (ours, ``s_phase`` > 0, off by default) adds one pass, ``v(B, A)``: the same prompt with every phase
 block hidden from every frame, i.e. what the clip looks like with no action asked for. Text guidance pushes towards
 the whole prompt (identity, background, talking, actions at once); ``v(T, A) - v(B, A)`` is only the actions, and only
-where and when a phase is active, so it can be raised without pushing everything else as hard.
+where and when a phase is active, so it can be raised without pushing everything else as hard. In ``relay`` mode
+``T`` attends through the soft relay bias (width ``relay_width``) and ``B`` stays the hard base-only routing.
 
 The reference image's latent is the clean first latent frame: its tokens get timestep 0 and it is written back into
 the model input at every step, as in Wan2.2 TI2V (``expand_timesteps``).
@@ -19,13 +20,14 @@ the model input at every step, as in Wan2.2 TI2V (``expand_timesteps``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .attention import PACA_MODES, PhaseRouting
-from .errors import GenerationCancelled
+from .attention import PACA_MODES, PhaseRouting, RelayRouting
+from .errors import ActAvatarError, GenerationCancelled
 from .phases import PhaseScript, latent_frame_times
 
 SAMPLERS = ("unipc", "euler")
@@ -39,8 +41,9 @@ class SamplingOptions:
     shift: float = 5.0
     sampler: str = "unipc"
     seed: int = 0
-    paca_mode: str = "learned"  # the paper's PACA; "routed" is our opt-in extension
+    paca_mode: str = "learned"  # the paper's PACA; "routed" is our opt-in extension, "relay" its soft form
     feather: float = 0.0
+    relay_width: float = 2.0  # relay mode: Gaussian width of the penalty, in latent frames from a phase's window
     audio_strength: float = 1.0
     phase_cfg: float = 0.0  # extra guidance towards the phase blocks (0: off; one more model pass per step)
 
@@ -57,6 +60,12 @@ class SamplingOptions:
             raise ValueError(f"phase guidance must be >= 0 (0 turns it off), got {self.phase_cfg}")
         if self.feather < 0:
             raise ValueError(f"feather must be >= 0 latent frames, got {self.feather}")
+        if not 0 < self.relay_width < math.inf:
+            raise ActAvatarError(f"relay_width must be a positive number of latent frames, got {self.relay_width}.",
+                                 "Use e.g. 2; routed mode is the width-0 limit, learned mode the infinite one.")
+        if self.paca_mode == "relay" and self.feather > 0:
+            raise ActAvatarError(f"feather {self.feather} applies to routed mode only; relay softens the phase "
+                                 "boundaries with relay_width.", "Set feather to 0 in relay mode.")
 
 
 @dataclass
@@ -141,6 +150,9 @@ def sample(transformer: Any, cond: Conditioning, first_latent: torch.Tensor, num
     use_audio_cfg = audio is not None and options.audio_cfg != 1.0
     has_phases = cond.routing is not None and bool((cond.routing.block_ids > 0).any())
     base_routing = cond.routing.base_only() if options.phase_cfg > 0 and has_phases else None
+    routing = cond.routing
+    if options.paca_mode == "relay" and routing is not None:
+        routing = RelayRouting(routing, options.relay_width)
 
     def velocity(x, t, ctx, ids, feats, routing, mode=options.paca_mode):
         return transformer(x, t, ctx, phase_ids=ids, audio_features=feats, routing=routing, paca_mode=mode,
@@ -152,7 +164,7 @@ def sample(transformer: Any, cond: Conditioning, first_latent: torch.Tensor, num
             check_cancel()
         model_input = ((1 - mask) * condition + mask * latents).to(dtype)
         timestep = (token_mask * t).unsqueeze(0).to(device)
-        v_full = velocity(model_input, timestep, text, phase_ids, audio, cond.routing)
+        v_full = velocity(model_input, timestep, text, phase_ids, audio, routing)
         if use_text_cfg or use_audio_cfg:
             v_text_off = velocity(model_input, timestep, negative, None, audio, None)
             v = v_text_off + options.text_cfg * (v_full - v_text_off)
@@ -162,7 +174,8 @@ def sample(transformer: Any, cond: Conditioning, first_latent: torch.Tensor, num
         else:
             v = v_full
         if base_routing is not None:
-            # The same prompt with its phase blocks hidden from every frame (routed attention does the hiding).
+            # The same prompt with its phase blocks hidden from every frame (routed attention does the hiding, in
+            # relay mode too: B asks for no action anywhere, which a finite relay width would not give).
             v_base = velocity(model_input, timestep, text, phase_ids, audio, base_routing, "routed")
             v = v + options.phase_cfg * (v_full - v_base)
         sigma = float(t) / 1000.0

@@ -1,10 +1,14 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
-from actavatar_core.attention import (BatchRouting, FrameAudioProcessor, PACAProcessor, PhaseRouting, frame_mixtures,
+from actavatar_core.attention import (BatchRouting, FrameAudioProcessor, PACAProcessor, PhaseRouting, RelayRouting,
+                                      frame_mixtures, phase_attention, relay_attention, relay_bias, routing_for_mode,
                                       token_frame_index)
+from actavatar_core.errors import ActAvatarError
 from actavatar_core.phases import PhaseScript, latent_frame_times
 from actavatar_core.sampling import build_routing
 
@@ -206,3 +210,152 @@ def test_projecting_in_place_needs_a_plain_inference_linear(attn):
     offloaded.forward = lambda x: torch.nn.Linear.forward(offloaded, x)  # how accelerate's offload hooks attach
     with torch.no_grad():
         assert not _projects_in_place(offloaded, q)
+
+
+# ------------------------------------------------------------------------------------------------------------ relay
+RELAY_ACTIVE = [frozenset({1}), frozenset({1}), frozenset(), frozenset({2}), frozenset({2}), frozenset({1, 2})]
+
+
+def _relay_reference(attn, x, ctx, ids, active, width):
+    """Relay by its definition, one frame and one token at a time: softmax(q k^T / sqrt(D) - d^2 / (2 w^2)) v with d
+    the latent frames from the frame to the nearest frame where the token's phase is active (F if none, 0 for base)."""
+    q = attn.norm_q(attn.to_q(x)).unflatten(2, (HEADS, -1)).transpose(1, 2)  # (B, H, N, D)
+    k = attn.norm_k(attn.to_k(ctx)).unflatten(2, (HEADS, -1)).transpose(1, 2)
+    v = attn.to_v(ctx).unflatten(2, (HEADS, -1)).transpose(1, 2)
+    frames = len(active)
+    bias = torch.zeros(frames, ids.shape[1])
+    for f in range(frames):
+        for s, phase in enumerate(ids[0].tolist()):
+            if phase == 0:
+                continue
+            where = [g for g in range(frames) if phase in active[g]]
+            d = min(abs(f - g) for g in where) if where else frames
+            bias[f, s] = -(d ** 2) / (2 * width ** 2)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias.repeat_interleave(HW, dim=0)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    return attn.to_out[0](out)
+
+
+def test_relay_bias_is_the_gaussian_of_the_distance_to_each_phase_window():
+    ids = torch.tensor([[0, 1, 1, 2, 3, 0]])  # phase 3 is active at no frame
+    routing = PhaseRouting.build(ids, RELAY_ACTIVE)
+    distance = routing.phase_distance()
+    assert distance[:, 0].tolist() == [0.0] * FRAMES  # the base block is never penalised
+    assert distance[:, 1].tolist() == [0, 0, 1, 2, 1, 0] and distance[:, 2].tolist() == [3, 2, 1, 0, 0, 0]
+    assert distance[:, 3].tolist() == [FRAMES] * FRAMES
+    bias = relay_bias(routing, 2.0)
+    assert bias.shape == (1, FRAMES, 6)
+    torch.testing.assert_close(bias[0, 2], torch.tensor([0.0, -1 / 8, -1 / 8, -1 / 8, -36 / 8, 0.0]))
+    hard = relay_bias(routing, 0.0)[0]
+    assert torch.equal(hard == 0, torch.stack([torch.tensor([True, *(1 in a,) * 2, 2 in a, False, True]) for a in RELAY_ACTIVE]))
+    assert torch.equal(relay_bias(routing, math.inf), torch.zeros(1, FRAMES, 6))
+    assert relay_bias(PhaseRouting.build(torch.cat([ids, ids]), RELAY_ACTIVE), 2.0).shape[0] == 1  # shared layout
+    assert relay_bias(PhaseRouting.build(torch.cat([ids, ids.flip(1)]), RELAY_ACTIVE), 2.0).shape[0] == 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("width", [0.7, 2.0, 5.0])
+def test_relay_equals_the_dense_reference_with_the_same_additive_bias(attn, width):
+    x, ctx, ids = _inputs()
+    relay = RelayRouting(PhaseRouting.build(ids, RELAY_ACTIVE), width)
+    got = PACAProcessor()(attn, x, ctx, routing=relay, token_frame=token_frame_index(FRAMES, HW))
+    torch.testing.assert_close(got, _relay_reference(attn, x, ctx, ids, RELAY_ACTIVE, width), rtol=1e-5, atol=1e-5)
+    assert (got - PACAProcessor()(attn, x, ctx)).abs().max() > 1e-3  # the bias changes the output
+
+
+@torch.no_grad()
+def test_relay_width_to_zero_is_routed_and_to_infinity_is_learned(attn):
+    x, ctx, ids = _inputs()
+    tf = token_frame_index(FRAMES, HW)
+    routing = PhaseRouting.build(ids, RELAY_ACTIVE)
+    routed = PACAProcessor()(attn, x, ctx, routing=routing, token_frame=tf)
+    learned = PACAProcessor()(attn, x, ctx)
+    assert (routed - learned).abs().max() > 1e-2  # the two limits differ, so both checks can fail
+    for width in (0.0, 1e-3):
+        relay = PACAProcessor()(attn, x, ctx, routing=RelayRouting(routing, width), token_frame=tf)
+        torch.testing.assert_close(relay, routed, rtol=1e-5, atol=1e-6)
+    for width in (1e6, math.inf):
+        relay = PACAProcessor()(attn, x, ctx, routing=RelayRouting(routing, width), token_frame=tf)
+        torch.testing.assert_close(relay, learned, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_relay_batches_shared_and_per_sample_layouts_and_shards(attn):
+    x, ctx, ids = _inputs()
+    x2, ctx2, _ = _inputs(seed=2)
+    tf = token_frame_index(FRAMES, HW)
+    xs, cs = torch.cat([x, x2]), torch.cat([ctx, ctx2])
+    shared = PACAProcessor()(attn, xs, cs, routing=RelayRouting(PhaseRouting.build(torch.cat([ids, ids]), RELAY_ACTIVE), 2.0),
+                             token_frame=tf)
+    for b, (xb, cb) in enumerate([(x, ctx), (x2, ctx2)]):
+        torch.testing.assert_close(shared[b : b + 1], _relay_reference(attn, xb, cb, ids, RELAY_ACTIVE, 2.0), rtol=1e-5, atol=1e-5)
+    ids2 = torch.zeros_like(ids)
+    ids2[0, 14:17] = 2  # sample 2: another layout, phase 2 only
+    mixed = PACAProcessor()(attn, xs, cs, routing=RelayRouting(PhaseRouting.build(torch.cat([ids, ids2]), RELAY_ACTIVE), 2.0),
+                            token_frame=tf)
+    torch.testing.assert_close(mixed[:1], shared[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1:], _relay_reference(attn, x2, ctx2, ids2, RELAY_ACTIVE, 2.0), rtol=1e-5, atol=1e-5)
+    # a context-parallel shard (cutting through frames) gets the rows of the whole sequence
+    q, k, v = (t.unflatten(2, (HEADS, -1)) for t in (attn.norm_q(attn.to_q(xs)), attn.norm_k(attn.to_k(cs)), attn.to_v(cs)))
+    routing = PhaseRouting.build(torch.cat([ids, ids]), RELAY_ACTIVE)
+    whole = relay_attention(q, k, v, routing, tf, 2.0)
+    shard = slice(HW // 2, 4 * HW + 3)
+    torch.testing.assert_close(relay_attention(q[:, shard], k, v, routing, tf[:, shard], 2.0), whole[:, shard],
+                               rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_relay_keeps_every_phase_visible_with_less_weight_further_away(attn):
+    """Unlike routed, a frame outside phase 1's window still hears it, and less the further it is."""
+    x, ctx, ids = _inputs()
+    active = [frozenset({1})] * 2 + [frozenset({2})] * 4
+    tf = token_frame_index(FRAMES, HW)
+    relay = RelayRouting(PhaseRouting.build(ids, active), 1.5)
+    ctx2 = ctx.clone()
+    ctx2[0, 4:9] += 10.0 * torch.randn(5, DIM)  # change phase-1 tokens only
+    a = PACAProcessor()(attn, x, ctx, routing=relay, token_frame=tf)
+    b = PACAProcessor()(attn, x, ctx2, routing=relay, token_frame=tf)
+    change = [(a - b)[0, f * HW:(f + 1) * HW].abs().mean().item() for f in range(FRAMES)]
+    assert min(change) > 0  # visible everywhere
+    assert change[2] > change[3] > change[4] > change[5]  # fading with the distance from frames 0-1
+
+
+def test_relay_routing_refuses_what_would_run_another_mode():
+    _, _, ids = _inputs()
+    routing = PhaseRouting.build(ids, RELAY_ACTIVE)
+    relay = RelayRouting(routing, 2.0)
+    assert routing_for_mode("relay", relay, ids) is relay and routing_for_mode("routed", routing, ids) is routing
+    assert routing_for_mode("learned", relay, ids) is None and routing_for_mode("global", routing, ids) is None
+    assert routing_for_mode("relay", None, None) is None and routing_for_mode("relay", None, torch.zeros_like(ids)) is None
+    with pytest.raises(ActAvatarError, match="needs a width"):
+        routing_for_mode("relay", routing, ids)
+    with pytest.raises(ActAvatarError, match="training batches"):
+        routing_for_mode("relay", BatchRouting.build(ids, [RELAY_ACTIVE]), ids)
+    with pytest.raises(ActAvatarError, match="no frame-to-phase routing"):
+        routing_for_mode("relay", None, ids)  # e.g. a training step in relay mode
+    with pytest.raises(ActAvatarError, match="given to routed mode"):
+        routing_for_mode("routed", relay, ids)
+    with pytest.raises(ActAvatarError, match="feathered"):
+        RelayRouting(PhaseRouting(ids, [((frozenset({1}), 0.5), (frozenset({2}), 0.5))] * FRAMES), 2.0)
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ActAvatarError, match="Fix:"):
+            RelayRouting(routing, bad)
+
+
+@torch.no_grad()
+def test_phase_attention_is_the_processor_at_the_qkv_level(attn):
+    """The q/k/v-level entry (for attention code without diffusers' Attention object) equals the processor for
+    every kind of routing, before the output projection."""
+    x, ctx, ids = _inputs()
+    tf = token_frame_index(FRAMES, HW)
+    q, k, v = (t.unflatten(2, (HEADS, -1)) for t in (attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(ctx)), attn.to_v(ctx)))
+    hard = PhaseRouting.build(ids, RELAY_ACTIVE)
+    kinds = {"plain": None, "routed": hard, "feathered": PhaseRouting(ids, [((frozenset({1}), 0.25), (frozenset({2}), 0.75))] * FRAMES),
+             "relay": RelayRouting(hard, 1.5), "batch": BatchRouting.build(ids, [RELAY_ACTIVE])}
+    outputs = {}
+    for name, routing in kinds.items():
+        got = attn.to_out[0](phase_attention(q, k, v, routing, tf).flatten(2))
+        outputs[name] = got
+        torch.testing.assert_close(got, PACAProcessor()(attn, x, ctx, routing=routing, token_frame=tf), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs["batch"], outputs["routed"], rtol=1e-5, atol=1e-6)
+    assert len({round(float(o.sum()), 4) for n, o in outputs.items() if n != "batch"}) == 4  # four different results

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from actavatar_core.adapter import audio_scales
-from actavatar_core.attention import PhaseRouting
-from actavatar_core.errors import WeightsError
+from actavatar_core.attention import PhaseRouting, RelayRouting
+from actavatar_core.errors import ActAvatarError, WeightsError
 from actavatar_core import model as model_module
 from actavatar_core.model import (
     ActAvatarTransformer, adapter_state_dict, build_from_weights, frame_timesteps, read_actavatar_weights,
@@ -36,8 +36,8 @@ def test_untrained_adapter_and_single_phase_leave_the_base_model_unchanged():
     x, ts, ctx, ids, feats = _inputs()
     ref = base(x, ts, ctx).sample
     routing = PhaseRouting.build(ids, [frozenset({1})] * 3)
-    for mode in ("global", "learned", "routed"):
-        out = model(x, ts, ctx, phase_ids=ids, audio_features=feats, routing=routing, paca_mode=mode).sample
+    for mode, route in (("global", routing), ("learned", routing), ("routed", routing), ("relay", RelayRouting(routing, 2.0))):
+        out = model(x, ts, ctx, phase_ids=ids, audio_features=feats, routing=route, paca_mode=mode).sample
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -94,6 +94,28 @@ def test_trained_phase_embedding_and_audio_change_the_output():
     assert (with_audio - ref).abs().max() > 1e-4
     silent = model(x, ts, ctx, audio_features=feats, paca_mode="global", audio_strength=0.0).sample
     torch.testing.assert_close(silent, ref)
+
+
+@torch.no_grad()
+def test_relay_mode_adds_the_phase_embedding_and_spans_routed_to_learned():
+    """relay embeds the phases as learned and routed do; its width limits are the other two modes, whole model."""
+    model = ActAvatarTransformer.from_base(tiny_wan_transformer(), **ADAPTER)
+    x, ts, ctx, ids, feats = _inputs()
+    model.phase_embedding.weight[1].fill_(0.5)
+    routing = PhaseRouting.build(ids, [frozenset(), frozenset({1}), frozenset()])
+    run = lambda mode, route: model(x, ts, ctx, phase_ids=ids, audio_features=feats, routing=route, paca_mode=mode).sample
+    learned, routed = run("learned", None), run("routed", routing)
+    unembedded = model(x, ts, ctx, phase_ids=None, audio_features=feats, routing=RelayRouting(routing, 1e6),
+                       paca_mode="relay").sample
+    assert (learned - routed).abs().max() > 1e-4 and (learned - unembedded).abs().max() > 1e-4
+    torch.testing.assert_close(run("relay", RelayRouting(routing, 1e-3)), routed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run("relay", RelayRouting(routing, 1e6)), learned, rtol=1e-5, atol=1e-5)
+    middle = run("relay", RelayRouting(routing, 1.0))
+    assert (middle - routed).abs().max() > 1e-5 and (middle - learned).abs().max() > 1e-5
+    with pytest.raises(ActAvatarError, match="needs a width"):
+        run("relay", routing)
+    with pytest.raises(ActAvatarError, match="no frame-to-phase routing"):
+        run("relay", None)
 
 
 def test_progressive_schedule_values():

@@ -1,3 +1,6 @@
+import copy
+import math
+
 import pytest
 import torch
 
@@ -95,21 +98,23 @@ def _phased_cond(models, frames=3):
     return cond
 
 
-@pytest.mark.parametrize("mode", ["routed", "learned"])
+@pytest.mark.parametrize("mode", ["routed", "learned", "relay"])
 def test_phase_guidance_formula(tiny_models, mode):
-    """v = (text/audio guidance) + p (v(T,A) - v(B,A)), B the prompt with its phase blocks hidden from every frame."""
-    from actavatar_core.attention import PhaseRouting
+    """v = (text/audio guidance) + p (v(T,A) - v(B,A)), B the prompt with its phase blocks hidden from every frame
+    (hard base-only routing in every mode); relay's T attends through the relay bias at the options' width."""
+    from actavatar_core.attention import PhaseRouting, RelayRouting
 
     tr = tiny_models.transformer
     cond = _phased_cond(tiny_models)
     first = torch.randn(1, 48, 1, 4, 4)
-    opts = SamplingOptions(steps=1, text_cfg=3.0, audio_cfg=2.0, sampler="euler", seed=3, paca_mode=mode, phase_cfg=2.5)
+    opts = SamplingOptions(steps=1, text_cfg=3.0, audio_cfg=2.0, sampler="euler", seed=3, paca_mode=mode, phase_cfg=2.5,
+                           relay_width=0.8)
     out = sample(tr, cond, first, 3, opts)
     sched, t, x, inp, ts = _one_euler_step(first, opts)
     no_phase = PhaseRouting.build(cond.phase_ids, [frozenset()] * 3)
     with torch.no_grad():
         v = lambda ctx, ids, a, r, m=mode: tr(inp, ts, ctx, phase_ids=ids, audio_features=a, routing=r, paca_mode=m).sample
-        full = v(cond.text, cond.phase_ids, cond.audio, cond.routing)
+        full = v(cond.text, cond.phase_ids, cond.audio, RelayRouting(cond.routing, 0.8) if mode == "relay" else cond.routing)
         text_off = v(cond.negative, None, cond.audio, None)
         none = v(cond.negative, None, torch.zeros_like(cond.audio), None)
         base = v(cond.text, cond.phase_ids, cond.audio, no_phase, "routed")
@@ -155,9 +160,30 @@ def test_cancel_stops_before_the_next_step(tiny_models):
 
 def test_options_are_checked():
     for bad in (dict(sampler="ddim"), dict(paca_mode="mask"), dict(steps=0), dict(shift=0), dict(feather=-1),
-                dict(phase_cfg=-1)):
+                dict(phase_cfg=-1), dict(relay_width=0), dict(relay_width=-1), dict(relay_width=math.inf),
+                dict(relay_width=math.nan), dict(paca_mode="relay", feather=1)):
         with pytest.raises(ValueError):
             SamplingOptions(**bad).check()
+    SamplingOptions(paca_mode="relay", relay_width=0.5).check()
+    SamplingOptions(paca_mode="routed", feather=1).check()
+
+
+def test_relay_mode_samples_between_routed_and_learned(tiny_models):
+    """sample() wraps the conditioning's routing with the options' width: a tiny width samples the routed clip, a
+    huge one the learned clip, and the width really reaches the model in between."""
+    tr = copy.deepcopy(tiny_models.transformer)  # the fixture is shared by the session
+    with torch.no_grad():
+        for block in tr.blocks:
+            torch.nn.init.normal_(block.attn2.to_out[0].weight, std=0.2)  # make the text attention matter
+    cond = _phased_cond(tiny_models)
+    first = torch.randn(1, 48, 1, 4, 4)
+    run = lambda **kw: sample(tr, cond, first, 3, SamplingOptions(steps=2, text_cfg=1.0, audio_cfg=1.0, seed=1, **kw))
+    routed, learned = run(paca_mode="routed"), run(paca_mode="learned")
+    assert (routed - learned).abs().max() > 1e-4
+    torch.testing.assert_close(run(paca_mode="relay", relay_width=1e-3), routed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(paca_mode="relay", relay_width=1e6), learned, rtol=1e-4, atol=1e-5)
+    middle = run(paca_mode="relay", relay_width=1.0)
+    assert (middle - routed).abs().max() > 1e-6 and (middle - learned).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("sampler", ["unipc", "euler"])
