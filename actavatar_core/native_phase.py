@@ -1,0 +1,219 @@
+"""Phase control for the text cross-attention of Wan models run by another framework (ComfyUI's native Wan).
+
+The framework hands over, per cross-attention call, its projected ``q`` (B, L, H*D) and ``k``/``v`` (B, S, H*D),
+the latent grid of the video tokens and which rows of the batch are conditional passes carrying a phase script.
+Everything here is plain torch: routing reuses :class:`~actavatar_core.attention.PhaseRouting` and
+:func:`~actavatar_core.attention.routed_attention`, exactly what the engine's routed PACA processor runs.
+
+Frames map by the clip's absolute time: a context window or an extension passes the absolute latent indices of
+its frames. Tokens past the video grid (S2V's reference and motion latents, frames concatenated in time) are not
+frames of the clip: they see every text token, as in the unpatched model. A frame that may see every token also
+runs plain attention, so a script without phases (or one phase over the whole clip) changes nothing at all.
+
+Modes:
+
+* ``routed``    - each latent frame sees the base block and only the phases active at its time (hard).
+* ``feathered`` - as ``routed``, and frames within ``feather / 2`` latent frames of a boundary blend the sets on
+  both sides with a linear ramp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .attention import PhaseRouting, frame_mixtures, routed_attention
+from .errors import ActAvatarError
+from .phases import VAE_TEMPORAL_STRIDE, PhaseScript, latent_frame_times, pixel_frame_count
+
+#: Key of the phase spans in a conditioning's options dict (ComfyUI: ``cond[1][PHASE_SPANS_KEY]``).
+PHASE_SPANS_KEY = "actavatar_phase_spans"
+#: Key of the per-sampling {cond uuid: spans} map in ``transformer_options``.
+SPECS_KEY = "actavatar_phase_specs"
+#: Key of the per-forward :class:`CallPlan` in ``transformer_options``.
+PLAN_KEY = "actavatar_phase_plan"
+NATIVE_MODES = ("routed", "feathered")
+
+#: attend(q, k, v) on (B, S, H*D) tensors -> (B, L, H*D): the framework's own attention (ComfyUI's optimized one).
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PhaseSpans:
+    """What a phase-encoded conditioning carries: the script, its frame rate and the block of every text token.
+
+    ``block_ids`` is (S,) long: 0 for base, end and padding tokens, k for the tokens of phase k (1-based).
+    """
+
+    script: PhaseScript
+    fps: float
+    block_ids: torch.Tensor
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.script.phases)
+
+    def token_spans(self) -> list[tuple[int, int]]:
+        """[first, end) token range of every phase block, in phase order (empty range for a phase with no tokens)."""
+        out = []
+        for k in range(1, self.num_phases + 1):
+            idx = (self.block_ids == k).nonzero().flatten()
+            out.append((int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 0))
+        return out
+
+    def check_clip(self, num_latent_frames: int) -> None:
+        """Refuse a script that does not fit a clip of ``num_latent_frames`` latent frames (before sampling)."""
+        duration = pixel_frame_count(num_latent_frames) / self.fps
+        self.script.validate(duration, self.fps)
+
+
+@dataclass(frozen=True)
+class PhaseControlSettings:
+    """The node's widgets: ``mode`` (see :data:`NATIVE_MODES`) and ``feather`` (ramp width in latent frames)."""
+
+    mode: str = "routed"
+    feather: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in NATIVE_MODES:
+            raise ActAvatarError(f"Unknown phase control mode {self.mode!r}.", f"Use one of {', '.join(NATIVE_MODES)}.")
+        if self.mode == "feathered" and not self.feather > 0:
+            raise ActAvatarError(f"Feathered mode needs a ramp wider than 0 latent frames (got {self.feather}).",
+                                 "Set feather to 1 or more, or use routed mode.")
+
+
+def specs_from_conds(conds: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[Any, PhaseSpans]:
+    """{cond uuid: spans} over every cond that carries spans (the sampler decides which passes are conditional)."""
+    return {c["uuid"]: c[PHASE_SPANS_KEY] for group in conds.values() for c in group
+            if c.get(PHASE_SPANS_KEY) is not None and "uuid" in c}
+
+
+def check_before_sampling(specs: Mapping[Any, PhaseSpans], num_latent_frames: int) -> None:
+    """The checks that need the clip: some cond carries spans, and every script fits the clip."""
+    if not specs:
+        raise ActAvatarError(
+            "ActAvatar Phase Control is on the model, but no conditioning carries phase spans.",
+            "Encode the positive prompt with 'ActAvatar Phase Text Encode' (from an ActAvatar Phase Prompt), or "
+            "remove the Phase Control node.")
+    for spans in specs.values():
+        spans.check_clip(num_latent_frames)
+
+
+def clip_frame_indices(num_local_frames: int, window_indices: Sequence[int] | None = None,
+                       anchor_index: int | None = None) -> list[int | None]:
+    """Absolute latent index of each local latent frame; None for a local frame that is not a clip frame.
+
+    ``window_indices`` are a context window's frame indices in the whole clip (None: the local frames are the clip);
+    ``anchor_index`` a frame the window prepends before them.
+    """
+    if window_indices is None:
+        return list(range(num_local_frames))
+    absolute: list[int | None] = ([anchor_index] if anchor_index is not None else []) + [int(i) for i in window_indices]
+    absolute = absolute[:num_local_frames]
+    return absolute + [None] * (num_local_frames - len(absolute))
+
+
+def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Sequence[int], text_len: int) -> PhaseRouting | None:
+    """Routing over the clip's latent frames 0..max(frames), indexed by absolute latent frame.
+
+    None when every frame in ``frames`` may see every token: plain attention is then exactly what routing computes.
+    """
+    block_ids = spans.block_ids.reshape(-1)
+    if text_len != block_ids.numel():
+        if text_len % block_ids.numel():
+            raise ActAvatarError(
+                f"The text context has {text_len} tokens but the phase spans describe {block_ids.numel()}.",
+                "Connect the conditioning of 'ActAvatar Phase Text Encode' directly (do not concatenate or combine it).")
+        block_ids = block_ids.repeat(text_len // block_ids.numel())  # ComfyUI repeats a shorter context to batch it
+    every = frozenset(range(1, spans.num_phases + 1))
+    if not every or not frames:
+        return None
+    total = max(frames) + 1
+    active = spans.script.active_phases(total, spans.fps)
+    feather = settings.feather if settings.mode == "feathered" else 0.0
+    boundaries = sorted({t for p in spans.script.phases for t in (p.start, p.end)})
+    mixtures = frame_mixtures(active, latent_frame_times(total, spans.fps), boundaries, feather,
+                              VAE_TEMPORAL_STRIDE / spans.fps)
+    full = ((every, 1.0),)
+    if all(mixtures[f] == full for f in frames):
+        return None
+    return PhaseRouting(block_ids[None], mixtures)
+
+
+@dataclass
+class CallPlan:
+    """Routing of one model call: per batch chunk (one cond or uncond each) a routing or None (plain attention).
+
+    ``frames`` are the absolute latent indices of the local clip frames, which come first in the token order;
+    tokens after them (frames that are not clip frames, reference and motion latents) attend unrouted.
+    """
+
+    routings: list[PhaseRouting | None]
+    frames: list[int]
+    tokens_per_frame: int
+    _token_frames: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def routes(self) -> bool:
+        return any(r is not None for r in self.routings)
+
+    @property
+    def clip_tokens(self) -> int:
+        return len(self.frames) * self.tokens_per_frame
+
+    def token_frame(self, device: torch.device) -> torch.Tensor:
+        """(N,) absolute latent frame of each clip token."""
+        key = str(device)
+        if key not in self._token_frames:
+            frames = torch.tensor(self.frames, dtype=torch.long, device=device)
+            self._token_frames[key] = frames.repeat_interleave(self.tokens_per_frame)
+        return self._token_frames[key]
+
+
+def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *, uuids: Sequence[Any],
+              cond_or_uncond: Sequence[int], grid: Sequence[int], text_len: int,
+              window_indices: Sequence[int] | None = None, anchor_index: int | None = None) -> CallPlan | None:
+    """Which chunks of a batched call are routed and how. Only conditional chunks (``cond_or_uncond`` 0) whose
+    cond carries spans are routed; None when nothing is."""
+    local = clip_frame_indices(int(grid[0]), window_indices, anchor_index)
+    frames = []
+    for f in local:  # clip frames come first; the first non-clip frame ends them
+        if f is None:
+            break
+        frames.append(f)
+    routings: list[PhaseRouting | None] = []
+    for uid, kind in zip(uuids, cond_or_uncond):
+        spans = specs.get(uid) if kind == 0 else None
+        routings.append(None if spans is None else build_routing(spans, settings, frames, text_len))
+    plan = CallPlan(routings, frames, int(grid[1]) * int(grid[2]))
+    return plan if plan.routes else None
+
+
+def phase_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, plan: CallPlan,
+                          attend: AttendFn) -> torch.Tensor:
+    """Text cross-attention of a batched call, (B, L, H*D) in and out. Chunks without routing go through
+    ``attend`` unchanged; in routed chunks the clip's tokens run :func:`routed_attention` per run of frames that
+    share a phase set, and the tokens after them (not clip frames) go through ``attend`` with every text token."""
+    chunks = len(plan.routings)
+    if q.shape[0] % chunks:
+        raise ActAvatarError(f"A batch of {q.shape[0]} does not split into {chunks} conditioning chunks.",
+                             "Report this layout; ActAvatar Phase Control cannot route it.")
+    clip = plan.clip_tokens
+    if q.shape[1] < clip:
+        raise ActAvatarError(f"The attention sees {q.shape[1]} video tokens, fewer than the latent grid's {clip}.",
+                             "This model's token layout is not supported by ActAvatar Phase Control.")
+    rows = q.shape[0] // chunks
+    outs = []
+    for i, routing in enumerate(plan.routings):
+        sl = slice(i * rows, (i + 1) * rows)
+        if routing is None:
+            outs.append(attend(q[sl], k[sl], v[sl]))
+            continue
+        qh, kh, vh = (t[sl].unflatten(2, (heads, -1)) for t in (q[:, :clip], k, v))
+        out = routed_attention(qh, kh, vh, routing, plan.token_frame(q.device)).flatten(2).to(q.dtype)
+        if q.shape[1] > clip:
+            out = torch.cat([out, attend(q[sl, clip:], k[sl], v[sl])], dim=1)
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
