@@ -191,3 +191,15 @@ def test_schedulers_are_flow_matching_with_shift(sampler):
     s1, s5 = make_scheduler(sampler, 1.0, 10), make_scheduler(sampler, 5.0, 10)
     assert len(s5.timesteps) == 10 and s5.timesteps[0] > s5.timesteps[-1]
     assert s5.timesteps[5] > s1.timesteps[5]  # a larger shift keeps more steps at high noise
+
+
+def test_generation_defaults_accept_relay_and_training_refuses_it(tmp_path):
+    """A model's generation defaults may ask for relay (and its width); training cannot run in relay mode."""
+    from actavatar_core.training.config import config_from_dict
+
+    base = {"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)}}
+    cfg = config_from_dict({**base, "paca_mode": "routed", "generation": {"paca_mode": "relay", "relay_width": 1.5}})
+    assert cfg.generation == {"paca_mode": "relay", "relay_width": 1.5}
+    SamplingOptions(paca_mode=cfg.generation["paca_mode"], relay_width=cfg.generation["relay_width"]).check()
+    with pytest.raises(ValueError, match="training-free sampling mode"):
+        config_from_dict({**base, "paca_mode": "relay"})

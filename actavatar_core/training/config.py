@@ -54,7 +54,7 @@ PROMPTS = ("caption", "global", "phased")
 SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 GENERATION_KEYS = {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "phase_cfg", "shift", "paca_mode", "negative",
-                   "sampler"}
+                   "sampler", "relay_width"}
 
 
 @dataclass
@@ -205,6 +205,9 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
     if raw.get("paca_mode", "learned") not in PACA_MODES:
         raise ValueError(f"paca_mode must be one of {PACA_MODES} ('routed' trains each frame on its own phases), "
                          f"not {raw['paca_mode']!r}")
+    if raw.get("paca_mode") == "relay":
+        raise ValueError("paca_mode 'relay' is a training-free sampling mode with no per-sample routing for training "
+                         "batches; train with 'routed' or 'learned' and set \"generation\": {\"paca_mode\": \"relay\"}")
     if raw.get("mixed_precision", "auto") not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS} ('auto': bf16 where the GPU or CPU computes "
                          f"it natively, else fp32), not {raw['mixed_precision']!r}")
