@@ -68,6 +68,31 @@ class SamplingOptions:
                                  "boundaries with relay_width.", "Set feather to 0 in relay mode.")
 
 
+def mode_options(spec: str) -> dict[str, Any]:
+    """SamplingOptions fields of a PACA mode written as one word, as ``bench method --modes`` lists them: a mode
+    (``learned``, ``routed``, ``relay``, ...), ``relay=W`` (relay at width W latent frames) or ``feather=N`` (routed
+    with N latent frames of feather)."""
+    name, sep, value = spec.strip().partition("=")
+    fields = {"relay": "relay_width", "feather": "feather"}
+    if not sep and name in PACA_MODES:
+        return {"paca_mode": name}
+    if sep and name in fields:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        options = SamplingOptions(paca_mode="relay" if name == "relay" else "routed", **{fields[name]: number})
+        try:
+            options.check()
+        except ValueError as err:
+            detail = err.problem if isinstance(err, ActAvatarError) else str(err)
+            raise ActAvatarError(f"The PACA mode {spec!r} has a bad value: {detail.rstrip('.')}.",
+                                 "Use e.g. relay=2 or feather=1.") from None
+        return {"paca_mode": options.paca_mode, fields[name]: number}
+    raise ActAvatarError(f"Unknown PACA mode {spec!r}.",
+                         f"Use one of {', '.join(PACA_MODES)}, relay=WIDTH or feather=FRAMES (latent frames).")
+
+
 @dataclass
 class StepInfo:
     step: int  # 1-based

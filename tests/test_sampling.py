@@ -203,3 +203,16 @@ def test_generation_defaults_accept_relay_and_training_refuses_it(tmp_path):
     SamplingOptions(paca_mode=cfg.generation["paca_mode"], relay_width=cfg.generation["relay_width"]).check()
     with pytest.raises(ValueError, match="training-free sampling mode"):
         config_from_dict({**base, "paca_mode": "relay"})
+
+
+def test_mode_specs_of_the_method_bench():
+    from actavatar_core.errors import ActAvatarError
+    from actavatar_core.sampling import mode_options
+
+    assert mode_options("relay") == {"paca_mode": "relay"} and mode_options(" routed") == {"paca_mode": "routed"}
+    assert mode_options("relay=1.5") == {"paca_mode": "relay", "relay_width": 1.5}
+    assert mode_options("feather=2") == {"paca_mode": "routed", "feather": 2.0}
+    SamplingOptions(**mode_options("relay=0.5")).check()
+    for bad in ("masked", "relay=0", "relay=wide", "feather=-1", "learned=2", "relay="):
+        with pytest.raises(ActAvatarError, match="Fix:"):
+            mode_options(bad)
