@@ -1,0 +1,247 @@
+"""Phase control on ComfyUI's own Wan models: ActAvatar Phase Control (MODEL -> MODEL) and Phase Text Encode.
+
+Phase Control patches the text cross-attention of every block through the ModelPatcher: on a clone, each
+``diffusion_model.blocks.N.cross_attn.forward`` gets an object patch that projects q/k/v with the block's own layers
+(so LoRA weight patches, fp8 casting and offloading apply as usual) and hands them to the engine
+(:mod:`actavatar_core.native_phase`), which routes conditional passes and leaves every other pass to ComfyUI's
+``optimized_attention``. Two wrappers feed it: OUTER_SAMPLE collects the phase spans of the conds and checks them
+against the clip before the first step; DIFFUSION_MODEL plans each model call (latent grid, which batch chunks are
+conditional, the context window's absolute frames). Removing the node removes the patches; InfiniteTalk's
+``attn2_patch``, LoRAs and torch.compile's APPLY_MODEL wrapper compose with it.
+
+This module imports ComfyUI; it is loaded only inside ComfyUI (or by tests that import ComfyUI).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from comfy_api.latest import io
+
+import comfy.ldm.wan.model as wan
+import comfy.patcher_extension as pe
+from actavatar_core import native_phase as engine
+from actavatar_core.errors import ActAvatarError, PhaseScriptError
+from actavatar_core.text import DEFAULT_NEGATIVE, TEXT_LEN, tokenize_plain, tokenize_script
+
+WRAPPER_KEY = "actavatar_phase_control"
+PhasePrompt = io.Custom("PHASE_PROMPT")
+
+
+# ================================================================================================ the patch
+class PhasedCrossAttention:
+    """Replacement ``forward`` of one Wan text cross-attention module (T2V/TI2V/S2V/HuMo and I2V's image branch).
+
+    Without a routing plan for the current call it calls the forward it replaced, so unrouted passes are exactly
+    the unpatched model's."""
+
+    def __init__(self, module: torch.nn.Module, previous: Any):
+        self.module = module
+        self.previous = previous
+        self.image_branch = isinstance(module, wan.WanI2VCrossAttention)
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor, context_img_len: int | None = None,
+                 transformer_options: dict | None = None, **kwargs: Any) -> torch.Tensor:
+        options = transformer_options if transformer_options is not None else {}
+        plan = options.get(engine.PLAN_KEY)
+        if plan is None:
+            if self.image_branch:
+                return self.previous(x, context, context_img_len, transformer_options=options, **kwargs)
+            return self.previous(x, context, transformer_options=options, context_img_len=context_img_len, **kwargs)
+        m = self.module
+        if self.image_branch:
+            context_img, context = context[:, :context_img_len], context[:, context_img_len:]
+        q = m.norm_q(m.q(x))
+        k = m.norm_k(m.k(context))
+        v = m.v(context)
+
+        def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+            return wan.optimized_attention(q_, k_, v_, heads=m.num_heads, transformer_options=options)
+
+        out = engine.phase_cross_attention(q, k, v, m.num_heads, plan, attend)
+        if self.image_branch:
+            k_img, v_img = m.norm_k_img(m.k_img(context_img)), m.v_img(context_img)
+            out = out + wan.optimized_attention(q, k_img, v_img, heads=m.num_heads, transformer_options=options,
+                                                low_precision_attention=False)
+        return m.o(out)
+
+
+class PhaseSpecsWrapper:
+    """OUTER_SAMPLE wrapper: {cond uuid: spans} into this sampling's transformer options, checked against the clip."""
+
+    def __init__(self, settings: engine.PhaseControlSettings):
+        self.settings = settings
+
+    def __call__(self, executor, noise, *args, **kwargs):
+        guider = executor.class_obj
+        specs = engine.specs_from_conds(guider.conds)
+        shapes = kwargs.get("latent_shapes")
+        shape = tuple(shapes[0]) if shapes else tuple(noise.shape)
+        if len(shape) != 5:
+            raise ActAvatarError(f"ActAvatar Phase Control needs a video latent (B, C, T, H, W); got shape {shape}.",
+                                 "Use it with Wan video models only.")
+        engine.check_before_sampling(specs, shape[2])
+        options = guider.model_options.setdefault("transformer_options", {})
+        options[engine.SPECS_KEY] = specs
+        options[WRAPPER_KEY] = self.settings
+        try:
+            return executor(noise, *args, **kwargs)
+        finally:
+            options.pop(engine.SPECS_KEY, None)
+            options.pop(WRAPPER_KEY, None)
+
+
+class PlanCallWrapper:
+    """DIFFUSION_MODEL wrapper: the routing plan of one model call, read by every block's patched cross-attention."""
+
+    def __call__(self, executor, x, timestep, context, *args, **kwargs):
+        options = kwargs.get("transformer_options")
+        if options is None and len(args) >= 3:
+            options = args[2]
+        specs = (options or {}).get(engine.SPECS_KEY)
+        if not specs or "uuids" not in options or "cond_or_uncond" not in options:
+            return executor(x, timestep, context, *args, **kwargs)
+        patch = executor.class_obj.patch_size
+        grid = (x.shape[2], math.ceil(x.shape[3] / patch[1]), math.ceil(x.shape[4] / patch[2]))
+        window = options.get("context_window")
+        plan = engine.plan_call(
+            specs, options[WRAPPER_KEY], uuids=options["uuids"], cond_or_uncond=options["cond_or_uncond"], grid=grid,
+            text_len=context.shape[1], window_indices=getattr(window, "index_list", None),
+            anchor_index=getattr(window, "causal_anchor_index", None))
+        if plan is None:
+            return executor(x, timestep, context, *args, **kwargs)
+        options[engine.PLAN_KEY] = plan
+        try:
+            return executor(x, timestep, context, *args, **kwargs)
+        finally:
+            options.pop(engine.PLAN_KEY, None)
+
+
+def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0) -> Any:
+    """A clone of ``model`` (a ComfyUI ModelPatcher of a native Wan model) with phase control on every block."""
+    settings = engine.PhaseControlSettings(mode, feather)
+    dm = model.get_model_object("diffusion_model")
+    if not isinstance(dm, wan.WanModel) or not hasattr(dm, "blocks"):
+        raise ActAvatarError(f"ActAvatar Phase Control works on ComfyUI's Wan models; this model is a "
+                             f"{type(dm).__name__}.", "Connect a Wan 2.1/2.2 model (UNETLoader / Load Diffusion Model).")
+    m = model.clone()
+    for i, block in enumerate(dm.blocks):
+        name = f"diffusion_model.blocks.{i}.cross_attn"
+        attn = getattr(block, "cross_attn", None)
+        if not isinstance(attn, (wan.WanT2VCrossAttention, wan.WanI2VCrossAttention)):
+            raise ActAvatarError(f"Block {i} of this {type(dm).__name__} has a {type(attn).__name__} text "
+                                 "cross-attention, which ActAvatar Phase Control does not know.",
+                                 "Use a Wan 2.1/2.2 T2V, I2V, TI2V, S2V, HuMo or InfiniteTalk model.")
+        previous = m.get_model_object(name + ".forward")
+        if isinstance(previous, PhasedCrossAttention):
+            raise ActAvatarError("This model already has ActAvatar Phase Control.",
+                                 "Use one Phase Control node per model (remove the second one).")
+        m.add_object_patch(name + ".forward", PhasedCrossAttention(attn, previous))
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, PhaseSpecsWrapper(settings))
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, PlanCallWrapper())
+    return m
+
+
+# ================================================================================================ text encoding
+class _CoreTokenizer:
+    """Core's umT5 SentencePiece model with the call signature :func:`actavatar_core.text.tokenize_blocks` uses."""
+
+    eos_token_id = 1
+    pad_token_id = 0
+
+    def __init__(self, clip: Any):
+        sd_tokenizer = getattr(getattr(clip, "tokenizer", None), "umt5xxl", None)
+        sp = getattr(getattr(sd_tokenizer, "tokenizer", None), "tokenizer", None)
+        if sp is None:
+            raise ActAvatarError("This CLIP is not Wan's umT5 text encoder.",
+                                 "Load umt5_xxl (fp16 or fp8_scaled) with CLIPLoader, type 'wan'.")
+        self.sp = sp
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": list(self.sp.encode(text, add_bos=False, add_eos=False))}
+
+
+def _encode_ids(clip: Any, input_ids: torch.Tensor) -> list:
+    tokens = {"umt5xxl": [[(int(t), 1.0) for t in input_ids.reshape(-1).tolist()]]}
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+def encode_phase_prompt(clip: Any, phase_prompt: Any, negative: str = "") -> tuple[list, list]:
+    """(positive, negative) CONDITIONING: the phase script's blocks encoded as one prompt with exact token spans
+    (base, phase 1..n, end, padding), and the negative prompt. The positive carries :class:`PhaseSpans`."""
+    script, fps = phase_prompt.script, float(phase_prompt.fps)
+    tokens = tokenize_script(_CoreTokenizer(clip), script, TEXT_LEN)
+    positive = []
+    for cond, extra in _encode_ids(clip, tokens.input_ids):
+        length = cond.shape[1]
+        ids = tokens.block_ids.reshape(-1)
+        if length < ids.numel():
+            if bool((ids[length:] != 0).any()):
+                raise PhaseScriptError(f"The text encoder kept {length} tokens, fewer than the phase prompt's "
+                                       f"{tokens.length}.", "Shorten the base prompt or the phase texts.")
+            ids = ids[:length]
+        elif length > ids.numel():
+            ids = torch.cat([ids, ids.new_zeros(length - ids.numel())])
+        positive.append([cond, {**extra, engine.PHASE_SPANS_KEY: engine.PhaseSpans(script, fps, ids.clone())}])
+    neg_text = negative.strip() or script.negative or DEFAULT_NEGATIVE
+    negative_cond = [[c, dict(e)] for c, e in _encode_ids(clip, tokenize_plain(_CoreTokenizer(clip), neg_text).input_ids)]
+    return positive, negative_cond
+
+
+# ================================================================================================ nodes
+class ActAvatarPhaseControl(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarPhaseControl",
+            display_name="ActAvatar Phase Control",
+            category="ActAvatar/native",
+            description="Timed actions on a ComfyUI Wan model: each latent frame's text cross-attention sees the base "
+                        "prompt and only the phases active at its time. Needs a positive prompt from 'ActAvatar Phase "
+                        "Text Encode'. Only the conditional pass is routed.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("mode", options=list(engine.NATIVE_MODES), default="routed",
+                               tooltip="routed: hard switch at each boundary; feathered: linear blend over 'feather' "
+                                       "latent frames around each boundary."),
+                io.Float.Input("feather", default=2.0, min=0.0, max=16.0, step=0.5,
+                               tooltip="Ramp width in latent frames (feathered mode only; 1 latent frame = 4 video "
+                                       "frames)."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode: str = "routed", feather: float = 2.0) -> io.NodeOutput:
+        return io.NodeOutput(apply_phase_control(model, mode, feather))
+
+
+class ActAvatarPhaseTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarPhaseTextEncode",
+            display_name="ActAvatar Phase Text Encode",
+            category="ActAvatar/native",
+            description="Encodes the timeline's phase script with core's Wan text encoder (CLIPLoader, type wan): one "
+                        "prompt whose base and phase blocks keep exact token spans, for ActAvatar Phase Control. "
+                        "Outputs normal CONDITIONING for core's Wan nodes and samplers.",
+            inputs=[
+                io.Clip.Input("clip"),
+                PhasePrompt.Input("phase_prompt"),
+                io.String.Input("negative", multiline=True, default="", optional=True,
+                                tooltip="Negative prompt. Empty: the script's own negative, else Wan's default."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, clip, phase_prompt, negative: str = "") -> io.NodeOutput:
+        positive, neg = encode_phase_prompt(clip, phase_prompt, negative)
+        return io.NodeOutput(positive, neg)
+
+
+#: The V3 node classes of this module.
+NODES = [ActAvatarPhaseControl, ActAvatarPhaseTextEncode]

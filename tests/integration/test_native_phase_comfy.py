@@ -1,0 +1,216 @@
+"""ActAvatar Phase Control on ComfyUI's own Wan model (ComfyUI 0.33.0 at ``COMFYUI_DIR``), through core's sampler.
+
+A tiny Wan2.2 TI2V file (written like the parity tests' files) loads through core's ``load_diffusion_model``; the
+node's function patches a clone and ``comfy.sample.sample`` runs it. With one transformer block, a video token's
+output depends on the text only through its own cross-attention (self-attention runs before it, FFN and head are
+per token), so "phase k's tokens change exactly the frames of k's window" is an exact property of one Euler step.
+
+ComfyUI is imported in-process with the preamble of infra.md section 4. The pack's ``nodes`` package would clash
+with ComfyUI's ``nodes`` module, so the node module is loaded from its file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # community_checkpoints
+
+import community_checkpoints as cc  # noqa: E402
+from actavatar_core import native_phase as N  # noqa: E402
+from actavatar_core.errors import ActAvatarError, PhaseScriptError  # noqa: E402
+from actavatar_core.phases import PhaseScript  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+COMFY_DIR = os.environ.get("COMFYUI_DIR", "")
+if not COMFY_DIR:
+    pytest.skip("COMFYUI_DIR is not set: point it at a copy of ComfyUI 0.33.0 (e.g. COMFYUI_DIR=/tmp/comfy) to run "
+                "the native phase control tests", allow_module_level=True)
+if not (Path(COMFY_DIR) / "comfy" / "ldm" / "wan" / "model.py").is_file():
+    pytest.skip(f"COMFYUI_DIR={COMFY_DIR!r} is not a ComfyUI checkout (no comfy/ldm/wan/model.py)",
+                allow_module_level=True)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+FPS = 16.0
+FRAMES = 9  # latent frames: 33 video frames, 2.06 s at 16 fps
+SCRIPT = PhaseScript.from_compact("A man talks | 0-1s: waves | 1-2s: points")
+BLOCK_IDS = torch.tensor([0] * 6 + [1] * 4 + [2] * 4 + [0] * 2)
+SPANS = N.PhaseSpans(SCRIPT, FPS, BLOCK_IDS)
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    pytest.importorskip("einops", reason="ComfyUI's requirements are not installed in this environment")
+    argv = sys.argv
+    sys.argv = [argv[0], "--cpu"]
+    if COMFY_DIR not in sys.path:
+        sys.path.append(COMFY_DIR)
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401 - parses --cpu before anything else touches devices
+        import comfy.model_patcher
+        import comfy.sample
+        import comfy.sd
+        from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
+    except ImportError as exc:
+        pytest.skip(f"ComfyUI at {COMFY_DIR} could not be imported ({exc}); install its requirements.txt")
+    finally:
+        sys.argv = argv
+    spec = importlib.util.spec_from_file_location("actavatar_native_phase_nodes", ROOT / "nodes" / "native_phase.py")
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
+    return types.SimpleNamespace(sd=comfy.sd, sample=comfy.sample, model_patcher=comfy.model_patcher, node=node,
+                                 windows=WanContextWindowsManualNode)
+
+
+@pytest.fixture(scope="module")
+def model(comfy, tmp_path_factory):
+    """Core's ModelPatcher of a tiny one-block Wan2.2 TI2V model (UNETLoader's detection, fp32)."""
+    path = tmp_path_factory.mktemp("wan") / "wan2.2_ti2v_5B_fp16.safetensors"
+    cc.write_comfy_wan_transformer(path, prefix=True, text_dim=4096, num_layers=1, dtype=torch.float32)
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    assert type(patcher.model).__name__ == "WAN22"
+    return patcher
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(1, BLOCK_IDS.numel(), 4096, generator=g)
+    ctx[:, 14:] = 0  # padding is zeroed, as umT5's conditioning is
+    neg = torch.randn(1, BLOCK_IDS.numel(), 4096, generator=g)
+    noise = torch.randn(1, 48, FRAMES, 4, 4, generator=g)
+    return ctx, neg, noise
+
+
+def _sample(comfy, m, positive, negative, noise, steps: int = 1, cfg: float = 4.0):
+    return comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", positive, negative, torch.zeros_like(noise),
+                               seed=0, disable_pbar=True)
+
+
+def _phased(ctx, spans=SPANS):
+    return [[ctx, {N.PHASE_SPANS_KEY: spans}]]
+
+
+def _changed_frames(a, b) -> set[int]:
+    diff = (a - b).abs().amax(dim=(0, 1, 3, 4))
+    return {j for j in range(diff.numel()) if diff[j] > 0}
+
+
+def _window_frames(phase: int) -> set[int]:
+    return {j for j, a in enumerate(SCRIPT.active_phases(FRAMES, FPS)) if phase in a}
+
+
+def test_no_phases_or_one_whole_clip_phase_equals_the_unpatched_model_bit_for_bit(comfy, model):
+    ctx, neg, noise = _inputs()
+    plain = _sample(comfy, model, [[ctx, {}]], [[neg, {}]], noise, steps=2)
+    patched = comfy.node.apply_phase_control(model, "routed")
+    none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
+    whole = N.PhaseSpans(PhaseScript.from_compact("A man talks | 0-2.06s: waves"), FPS, (BLOCK_IDS > 0).long())
+    for spans in (none, whole):
+        assert torch.equal(_sample(comfy, patched, _phased(ctx, spans), [[neg, {}]], noise, steps=2), plain)
+    routed = _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise, steps=2)
+    assert (routed - plain).abs().max() > 1e-3  # the two-phase script does change the result
+    # the loaded model was never changed: the unpatched model gives the same result after the patched one ran
+    assert torch.equal(_sample(comfy, model, [[ctx, {}]], [[neg, {}]], noise, steps=2), plain)
+    assert "forward" not in vars(model.model.diffusion_model.blocks[0].cross_attn) or \
+        not isinstance(vars(model.model.diffusion_model.blocks[0].cross_attn)["forward"], comfy.node.PhasedCrossAttention)
+
+
+@pytest.mark.parametrize("mode", ["routed", "feathered"])
+def test_phase_tokens_change_only_the_frames_of_their_window(comfy, model, mode):
+    ctx, neg, noise = _inputs()
+    patched = comfy.node.apply_phase_control(model, mode, 1.0)
+    base = _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise)
+    for phase in (1, 2):
+        other = ctx.clone()
+        other[:, BLOCK_IDS == phase] += 0.5
+        changed = _changed_frames(base, _sample(comfy, patched, _phased(other), [[neg, {}]], noise))
+        window = _window_frames(phase)
+        if mode == "routed":
+            assert changed == window
+        else:  # a 1-frame ramp reaches one frame past each boundary inside the clip
+            assert window <= changed and len(changed - window) <= 1
+
+
+def test_the_unconditional_pass_is_untouched(comfy, model):
+    ctx, neg, noise = _inputs()
+    seen: dict[str, dict[int, torch.Tensor]] = {}
+
+    def recorder(name):
+        def wrapper(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            for chunk, kind in zip(out.chunk(len(args["cond_or_uncond"])), args["cond_or_uncond"]):
+                seen[name].setdefault(kind, chunk.clone())
+            return out
+        seen[name] = {}
+        return wrapper
+
+    plain = model.clone()
+    plain.set_model_unet_function_wrapper(recorder("plain"))
+    patched = comfy.node.apply_phase_control(model, "routed")
+    patched.set_model_unet_function_wrapper(recorder("patched"))
+    _sample(comfy, plain, [[ctx, {}]], [[neg, {}]], noise)
+    _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise)
+    assert set(seen["patched"]) == {0, 1}  # cond and uncond ran
+    assert torch.equal(seen["patched"][1], seen["plain"][1])
+    assert not torch.equal(seen["patched"][0], seen["plain"][0])
+
+
+def test_context_windows_route_by_the_clips_absolute_time(comfy, model):
+    ctx, neg, noise = _inputs()
+    patched = comfy.node.apply_phase_control(model, "routed")
+    # windows of 5 latent frames (17 video frames) overlapping by 2: the later windows start inside the clip
+    (windowed,) = comfy.windows.execute(patched, 17, 8, "standard_static", 1, False, "pyramid", False).args
+    base = _sample(comfy, windowed, _phased(ctx), [[neg, {}]], noise)
+    assert not torch.equal(base, _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise))  # windows did run
+    for phase in (1, 2):
+        other = ctx.clone()
+        other[:, BLOCK_IDS == phase] += 0.5
+        assert _changed_frames(base, _sample(comfy, windowed, _phased(other), [[neg, {}]], noise)) == _window_frames(phase)
+
+
+def test_composes_with_an_attn2_patch_and_lora_weight_patches(comfy, model):
+    ctx, neg, noise = _inputs()
+
+    def attn2_patch(kwargs):  # InfiniteTalk adds its audio attention the same way, after the text cross-attention
+        return kwargs["x"] * 1.5
+
+    plain = model.clone()
+    plain.set_model_patch(attn2_patch, "attn2_patch")
+    patched = comfy.node.apply_phase_control(plain, "routed")
+    none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
+    with_patch = _sample(comfy, plain, [[ctx, {}]], [[neg, {}]], noise)
+    assert not torch.equal(with_patch, _sample(comfy, model, [[ctx, {}]], [[neg, {}]], noise))
+    assert torch.equal(_sample(comfy, patched, _phased(ctx, none), [[neg, {}]], noise), with_patch)
+    # a LoRA-style weight patch on the text key projection reaches the routed path
+    routed = _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise)
+    lora = patched.clone()
+    weight = model.model.diffusion_model.blocks[0].cross_attn.k.weight
+    lora.add_patches({"diffusion_model.blocks.0.cross_attn.k.weight": (torch.randn_like(weight) * 0.1,)}, 1.0)
+    assert not torch.equal(_sample(comfy, lora, _phased(ctx), [[neg, {}]], noise), routed)
+    assert torch.equal(_sample(comfy, patched, _phased(ctx), [[neg, {}]], noise), routed)  # and went away again
+
+
+def test_bad_input_is_refused_with_a_fix(comfy, model):
+    ctx, neg, noise = _inputs()
+    patched = comfy.node.apply_phase_control(model, "routed")
+    with pytest.raises(ActAvatarError, match="no conditioning carries phase spans.*Fix:"):
+        _sample(comfy, patched, [[ctx, {}]], [[neg, {}]], noise)
+    with pytest.raises(PhaseScriptError, match="ends after the clip"):
+        _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise[:, :, :5])
+    with pytest.raises(ActAvatarError, match="already has ActAvatar Phase Control"):
+        comfy.node.apply_phase_control(patched, "routed")
+    other = comfy.model_patcher.ModelPatcher(types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)),
+                                             torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ActAvatarError, match="works on ComfyUI's Wan models; this model is a Linear"):
+        comfy.node.apply_phase_control(other, "routed")
