@@ -214,3 +214,54 @@ def test_bad_input_is_refused_with_a_fix(comfy, model):
                                              torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ActAvatarError, match="works on ComfyUI's Wan models; this model is a Linear"):
         comfy.node.apply_phase_control(other, "routed")
+
+
+@pytest.fixture(scope="module")
+def i2v_model(comfy):
+    """Core's ModelPatcher of a tiny one-block Wan2.1 I2V model (CLIP-vision image branch), built from ComfyUI's class."""
+    from comfy.ldm.wan.model import WanModel
+    import comfy.ops
+
+    g = torch.Generator().manual_seed(3)
+    net = WanModel(model_type="i2v", patch_size=(1, 2, 2), in_dim=36, dim=256, ffn_dim=128, freq_dim=256,
+                   text_dim=4096, out_dim=16, num_heads=2, num_layers=1, operations=comfy.ops.disable_weight_init,
+                   dtype=torch.float32)
+    sd = {}
+    for key, value in net.state_dict().items():
+        if key.endswith("modulation"):
+            sd[key] = torch.randn(value.shape, generator=g) / 16
+        elif ".norm" in key and key.endswith(".weight"):
+            sd[key] = 1 + 0.1 * torch.randn(value.shape, generator=g)
+        else:
+            sd[key] = torch.randn(value.shape, generator=g) / max(1.0, value.shape[-1] ** 0.5)
+    patcher = comfy.sd.load_diffusion_model_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()},
+                                                       model_options={"dtype": torch.float32})
+    assert type(patcher.model.diffusion_model.blocks[0].cross_attn).__name__ == "WanI2VCrossAttention"
+    return patcher
+
+
+def test_i2v_image_branch_is_kept_and_text_is_routed(comfy, i2v_model):
+    ctx, neg, _ = _inputs()
+    noise = torch.randn(1, 16, FRAMES, 4, 4, generator=torch.Generator().manual_seed(5))
+    vision = types.SimpleNamespace(penultimate_hidden_states=torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(6)))
+
+    def pos(c, spans=None):
+        extra = {"clip_vision_output": vision}
+        return [[c, {**extra, N.PHASE_SPANS_KEY: spans}]] if spans is not None else [[c, extra]]
+
+    negative = [[neg, {"clip_vision_output": vision}]]
+    plain = _sample(comfy, i2v_model, pos(ctx), negative, noise)
+    patched = comfy.node.apply_phase_control(i2v_model, "routed")
+    none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
+    assert torch.equal(_sample(comfy, patched, pos(ctx, none), negative, noise), plain)
+    base = _sample(comfy, patched, pos(ctx, SPANS), negative, noise)
+    assert not torch.equal(base, plain)
+    for phase in (1, 2):
+        other = ctx.clone()
+        other[:, BLOCK_IDS == phase] += 0.5
+        assert _changed_frames(base, _sample(comfy, patched, pos(other, SPANS), negative, noise)) == _window_frames(phase)
+    # the image branch still reaches every frame of the routed pass
+    other_vision = types.SimpleNamespace(penultimate_hidden_states=vision.penultimate_hidden_states + 0.5)
+    changed = _sample(comfy, patched, [[ctx, {"clip_vision_output": other_vision, N.PHASE_SPANS_KEY: SPANS}]],
+                      negative, noise)
+    assert _changed_frames(base, changed) == set(range(FRAMES))
