@@ -32,6 +32,14 @@ class SizeError(ActAvatarError):
     """Width, height or frame count that the VAE and patch strides do not allow."""
 
 
+class ClipTooLongError(SizeError):
+    """A clip with more frames than the model's rotary position table holds (see :mod:`actavatar_core.limits`)."""
+
+
+class CliInputError(ActAvatarError):
+    """A command-line option with a value the command cannot use (out of range, wrong kind of path)."""
+
+
 class WeightsError(ActAvatarError):
     """A weights file of the wrong kind, with missing keys, or in an unsafe format."""
 

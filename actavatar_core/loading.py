@@ -32,11 +32,12 @@ from .convert import wan_vae as vae_conv
 from .convert import wav2vec2 as w2v_conv
 from .convert.identify import KINDS, CheckpointInfo, identify
 from .convert.settings import read_settings
-from .convert.source import FP8_DTYPES, TensorSource, read_json
+from .convert.source import FP8_DTYPES, TensorSource, read_json, weight_files
 from .errors import WeightsError
 
 __all__ = ["CheckpointInfo", "KINDS", "read_state_dict", "identify_checkpoint", "load_wan_transformer",
-           "load_wan_vae", "load_umt5", "load_wav2vec2", "CONFIG_DIR", "local_config"]
+           "load_wan_vae", "load_umt5", "load_wav2vec2", "CONFIG_DIR", "local_config", "check_weights_file",
+           "check_model_folder"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -64,6 +65,64 @@ def read_state_dict(path: "str | os.PathLike[str]", device: "str | torch.device"
     """
     with TensorSource(path) as src:
         return {k: src.get(k).to(device) for k in src.keys()}
+
+
+#: The parts of an ActAvatar model folder in the diffusers/transformers layout (``save_model_folder``).
+MODEL_FOLDER_PARTS = ("transformer", "vae", "text_encoder", "audio_encoder")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf")
+
+
+def check_weights_file(path: "str | os.PathLike[str]") -> None:
+    """Refuse a weights file that cannot be loaded safely, before any library opens it: safetensors must parse
+    (header and size; no tensor is read), torch files must load with ``weights_only=True`` (memory-mapped, so a
+    pickle is refused without reading the tensors), other formats are refused with the reason."""
+    path = Path(path)
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        raise WeightsError(f"'{path.name}' is a Python pickle, which ActAvatar never loads.",
+                           "Use the .safetensors release of this model.")
+    with TensorSource(path):
+        pass
+
+
+def check_model_folder(folder: "str | os.PathLike[str]") -> dict[str, Any]:
+    """Check an ActAvatar model folder without loading it and return its index (``actavatar_model.json``).
+
+    Every weights file it holds (either layout: the diffusers/transformers sub-folders, or the exported single
+    files of ``layout: comfyui-files``) must be one ActAvatar reads safely (:func:`check_weights_file`), so a
+    pickled ``.bin`` is refused with the reason instead of reaching a library loader."""
+    folder = Path(folder)
+    fix = "Point --model-dir at a folder written by ActAvatar (e.g. the bundled mini model, or 'actavatar export')."
+    if not folder.exists():
+        raise WeightsError(f"The model folder '{folder}' does not exist.", fix)
+    if not folder.is_dir():
+        raise WeightsError(f"'{folder}' is a file, not a model folder.", fix)
+    index_path = folder / "actavatar_model.json"
+    if not index_path.is_file():
+        raise WeightsError(f"'{folder}' is not an ActAvatar model folder (no actavatar_model.json).", fix)
+    index = read_json(index_path)
+    if not isinstance(index, dict) or index.get("format", "actavatar-model") != "actavatar-model":
+        raise WeightsError(f"'{index_path}' is not an ActAvatar model index.", fix)
+    if index.get("layout") == "comfyui-files":
+        files = folder / str(index.get("files", "comfyui"))
+        weights = sorted(p for p in files.rglob("*") if p.suffix.lower() in _WEIGHT_SUFFIXES) if files.is_dir() else []
+        if not weights:
+            raise WeightsError(f"The model folder '{folder}' lists its files in '{files.name}/', which holds no "
+                               "weights file.", "Export the model again with 'actavatar export'.")
+    else:
+        weights = []
+        for part in MODEL_FOLDER_PARTS:
+            sub = folder / part
+            if not sub.is_dir():
+                raise WeightsError(f"The model folder '{folder}' has no {part}/ folder.",
+                                   "Copy the whole model folder (transformer, vae, text_encoder, tokenizer, "
+                                   "audio_encoder and actavatar.safetensors).")
+            listed = weight_files(sub)  # the files a loader would pick (an index's shards, else the weights)
+            weights += listed + [p for p in sorted(sub.iterdir()) if p.suffix.lower() in _WEIGHT_SUFFIXES
+                                 and p not in listed]
+        weights.append(folder / "actavatar.safetensors")
+    for path in weights:
+        check_weights_file(path)
+    return index
 
 
 def identify_checkpoint(sd_or_path: "dict[str, torch.Tensor] | str | os.PathLike[str]") -> CheckpointInfo:

@@ -18,6 +18,7 @@ import torch
 from .audio import AudioEmbedding, encode_audio
 from .bundle import ActAvatarModels
 from .errors import PhaseScriptError
+from .limits import audio_seconds, check_clip, limits_of
 from .model import compute_dtype
 from .phases import DEFAULT_FPS, PhaseScript, latent_frame_count
 from .sampling import Conditioning, SamplingOptions, StepInfo, build_routing, cancel_check, sample
@@ -59,11 +60,15 @@ def prepare(models: ActAvatarModels, request: GenerationRequest) -> PreparedInpu
     script = PhaseScript.parse(request.phases)
     script.validate(duration=None, fps=request.fps)  # structure first: fail before any model runs
     check_size(request.width, request.height, size_step(models))
+    limits = limits_of(models)  # the rotary table's length: refuse a too-long clip before any audio is encoded
+    check_clip(fps=request.fps, num_frames=request.num_frames, audio_seconds=audio_seconds(request.audio),
+               width=request.width, height=request.height, limits=limits)
     image = load_image(request.image)
     request.options.check()
     audio = encode_audio(models.audio_encoder, request.audio, fps=request.fps, num_frames=request.num_frames,
                          do_normalize=models.audio_config.get("do_normalize", True),
                          window=models.transformer.config.audio_window)
+    check_clip(fps=request.fps, num_frames=audio.num_frames, limits=limits)  # audio whose length was not known
     script.validate(duration=audio.duration, fps=request.fps)
     if len(script.phases) > models.transformer.config.max_phases:
         raise PhaseScriptError(f"This model was trained with at most {models.transformer.config.max_phases} phases.",
@@ -121,7 +126,7 @@ class ActAvatarPipeline:
                          metadata: dict | None = None, **kwargs: Any) -> GenerationResult:
         """Sample, then decode chunk by chunk straight into an MP4 (written atomically: a failure or a cancel
         leaves no file)."""
-        from .video import atomic_target
+        from .video import atomic_target, speech_track
 
         atomic_target(out, overwrite=overwrite)  # refuse a bad target before spending minutes on sampling
         result = self.generate_latents(request, **kwargs)
@@ -129,8 +134,9 @@ class ActAvatarPipeline:
         meta = {"actavatar": {"phases": result.script.to_json(), "fps": request.fps, "seed": request.options.seed,
                               "steps": request.options.steps, "paca_mode": request.options.paca_mode}}
         meta.update(metadata or {})
-        with Mp4Writer(out, request.fps, request.width, request.height, audio=wave.samples.numpy()[None],
-                       sample_rate=wave.sample_rate, metadata=meta, overwrite=overwrite) as writer:
+        speech, rate = speech_track(request.audio, wave)  # the original speech (rate, channels), not the 16 kHz mono
+        with Mp4Writer(out, request.fps, request.width, request.height, audio=speech,
+                       sample_rate=rate, metadata=meta, overwrite=overwrite) as writer:
             for chunk in decode_stream(self.models.vae, result.latents, request.decode_chunk, cancel_check(kwargs.get("cancel"))):
                 writer.add(chunk)
             result.path = writer.close()

@@ -31,6 +31,9 @@ def load_image(source: "str | os.PathLike | np.ndarray | Any") -> np.ndarray:
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise ImageInputError(f"The reference image '{path}' is a directory, not an image file.",
+                                  "Give the path of a PNG, JPEG or WebP file inside it.")
         if not path.is_file():
             raise ImageInputError(f"The reference image '{path}' does not exist.", "Check the path; use a PNG, JPEG or WebP file.")
         try:
@@ -69,20 +72,68 @@ def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ paths
 def atomic_target(path: "str | os.PathLike", overwrite: bool = False) -> Path:
-    """Check that ``path`` can be written: its folder exists or can be made, it is not a folder, and it does not
-    exist unless ``overwrite``."""
+    """Check, without creating anything, that ``path`` can be written: it is not a folder, it does not exist unless
+    ``overwrite``, and its folder exists or can be made (no part of it is a file, the nearest existing folder is
+    writable). The folders are made by :class:`Mp4Writer`, and removed again when the write fails."""
     target = Path(path).expanduser()
-    if target.exists() and target.is_dir():
+    if target.is_dir():
         raise OutputPathError(f"The output path '{target}' is a folder.", "Give a file name ending in .mp4.")
     if target.exists() and not overwrite:
         raise OutputPathError(f"'{target}' already exists and would be overwritten.", "Choose another name or pass --overwrite.")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(target.parent)
     return target
+
+
+def check_writable_folder(folder: "str | os.PathLike") -> None:
+    """Refuse a folder that cannot be made or written: a part of it that is a file, or a nearest existing folder
+    where no file can be created (tried with a temporary file, which is removed at once)."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():  # a dangling link cannot become a folder
+            raise OutputPathError(f"The output folder '{folder}' cannot be made: '{existing}' is a broken link.",
+                                  "Choose another output folder.")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"The output folder '{folder}' cannot be made: '{existing}' is a file, not a folder.",
+                              "Choose another output folder, or move that file away.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".actavatar-write-check.", dir=existing)
+    except OSError as exc:
+        raise OutputPathError(f"The output folder '{existing}' cannot be written ({exc.strerror or exc}).",
+                              "Choose a folder you can write to, or fix its permissions.") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, deepest first (to remove on failure)."""
+    made: list[Path] = []
+    current = folder
+    while not current.exists():
+        made.append(current)
+        current = current.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_folders(made)
+        raise OutputPathError(f"The output folder '{folder}' cannot be made ({exc.strerror or exc}).",
+                              "Choose another output folder.") from None
+    return made
+
+
+def _remove_folders(made: list[Path]) -> None:
+    for folder in made:  # deepest first; a folder something else wrote into meanwhile is kept
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def safe_output_path(output_dir: "str | os.PathLike", filename_prefix: str, extension: str = "mp4") -> Path:
     """Next free ``<prefix>_00001.<ext>`` inside ``output_dir``; a prefix may name sub-folders but can never
-    leave ``output_dir`` (absolute paths, ``..`` and drive letters are refused)."""
+    leave ``output_dir`` (absolute paths, ``..`` and drive letters are refused). Nothing is created: the writer
+    makes the sub-folders, so a queue-time check can call this too."""
     root = Path(output_dir).resolve()
     prefix = (filename_prefix or "ActAvatar").replace("\\", "/").strip()
     if prefix.startswith("/") or re.match(r"^[A-Za-z]:", prefix) or any(part == ".." for part in prefix.split("/")):
@@ -96,9 +147,10 @@ def safe_output_path(output_dir: "str | os.PathLike", filename_prefix: str, exte
     stem = Path(prefix).name or "ActAvatar"
     if not re.fullmatch(r"[^\x00-\x1f<>:\"|?*]+", stem):
         raise OutputPathError(f"The filename prefix '{filename_prefix}' contains characters a file name cannot have.", "Use letters, digits, '-', '_' and spaces.")
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(folder)
     pattern = re.compile(rf"^{re.escape(stem)}_(\d{{5}})_?\.{re.escape(extension)}$")
-    used = [int(m.group(1)) for m in (pattern.match(p.name) for p in folder.iterdir()) if m]
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    used = [int(m.group(1)) for m in (pattern.match(name) for name in names) if m]
     return folder / f"{stem}_{(max(used) + 1) if used else 1:05d}_.{extension}"
 
 
@@ -117,9 +169,24 @@ class Mp4Writer:
         self.path = atomic_target(path, overwrite=overwrite)
         self.fps = float(fps)
         self.width, self.height = int(width), int(height)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.mp4", dir=self.path.parent)
+        self._closed = False
+        self._made = _make_folders(self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".partial.mp4", dir=self.path.parent)
+        except OSError as exc:
+            _remove_folders(self._made)
+            raise OutputPathError(f"The output folder '{self.path.parent}' cannot be written ({exc.strerror or exc}).",
+                                  "Choose a folder you can write to.") from None
         os.close(fd)
         self._tmp = Path(tmp)
+        try:
+            self._open(av, crf, audio, sample_rate, metadata)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, av: Any, crf: int, audio: np.ndarray | None, sample_rate: int | None,
+              metadata: dict[str, Any] | None) -> None:
         self._container = av.open(str(self._tmp), mode="w", format="mp4", options={"movflags": "use_metadata_tags"})
         for key, value in (metadata or {}).items():
             self._container.metadata[key] = value if isinstance(value, str) else json.dumps(value)
@@ -138,7 +205,6 @@ class Mp4Writer:
             self._audio_stream = self._container.add_stream("aac", rate=self._sample_rate)
             self._audio_stream.layout = "mono" if self._audio.shape[0] == 1 else "stereo"
         self.frames_written = 0
-        self._closed = False
 
     def add(self, frames: np.ndarray) -> None:
         """Append uint8 RGB frames, (H, W, 3) or (T, H, W, 3)."""
@@ -182,16 +248,22 @@ class Mp4Writer:
         os.umask(umask)
         os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp made it private; the finished video gets normal permissions
         os.replace(self._tmp, self.path)
+        self._made = []  # the folders hold the finished video now
         return self.path
 
     def abort(self) -> None:
+        """Throw the partial file away, and the folders this writer made for it."""
         if not self._closed:
+            container = getattr(self, "_container", None)
             try:
-                self._container.close()
+                if container is not None:
+                    container.close()
             except Exception:  # noqa: BLE001 - the file is being thrown away anyway
                 pass
             self._closed = True
         self._tmp.unlink(missing_ok=True)
+        _remove_folders(self._made)
+        self._made = []
 
     def __enter__(self) -> "Mp4Writer":
         return self
@@ -210,6 +282,26 @@ def fit_audio_to_video(audio: np.ndarray, sample_rate: int, num_frames: int, fps
     if audio.shape[1] >= target:
         return audio[:, :target]
     return np.pad(audio, ((0, 0), (0, target - audio.shape[1])))
+
+
+def speech_track(source: Any, fallback: Any = None) -> tuple[np.ndarray | None, int | None]:
+    """The speech as it was given, for the MP4's audio track: float32 (channels, samples) at its own sample rate.
+
+    ``source`` is what the user passed as audio: a file path (decoded again, all channels at the file's rate) or a
+    ComfyUI AUDIO dict. Anything else (a bare array) gives ``fallback``, the pipeline's fitted 16 kHz mono
+    waveform (an object with ``samples`` and ``sample_rate``). The writer fits the track to the clip's length."""
+    if isinstance(source, (str, os.PathLike)):
+        from .audio import decode_audio_file
+
+        return decode_audio_file(source)
+    if isinstance(source, dict) and "waveform" in source and source.get("sample_rate"):
+        wave = source["waveform"]
+        wave = wave.detach().float().cpu().numpy() if hasattr(wave, "detach") else np.asarray(wave, np.float32)
+        wave = wave[0] if wave.ndim == 3 else wave
+        return np.ascontiguousarray(wave, dtype=np.float32), int(source["sample_rate"])
+    if fallback is None:
+        return None, None
+    return fallback.samples.detach().float().cpu().numpy()[None], int(fallback.sample_rate)
 
 
 def write_mp4(path: "str | os.PathLike", frames: "np.ndarray | Iterable[np.ndarray]", fps: float,

@@ -45,6 +45,8 @@ def test_prefix_cannot_escape_the_output_folder(tmp_path, prefix):
 
 def test_prefix_counter_and_subfolders(tmp_path):
     a = safe_output_path(tmp_path, "video/ActAvatar")
+    assert not a.parent.exists()  # nothing is made until a video is written (a queue-time check may call this)
+    a.parent.mkdir()
     a.write_bytes(b"1")
     b = safe_output_path(tmp_path, "video/ActAvatar")
     assert a.parent == tmp_path / "video" and a.name == "ActAvatar_00001_.mp4" and b.name == "ActAvatar_00002_.mp4"
@@ -74,3 +76,58 @@ def test_finished_video_gets_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_a_failed_write_removes_the_folders_it_made_and_keeps_older_ones(tmp_path):
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper" / "out.mp4"
+    with pytest.raises(RuntimeError):
+        with Mp4Writer(target, 25, 32, 32) as w:
+            w.add(np.zeros((2, 32, 32, 3), np.uint8))
+            assert target.parent.is_dir()  # made for the temporary file
+            raise RuntimeError("cancelled")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["kept"]
+    path = write_mp4(target, np.zeros((1, 32, 32, 3), np.uint8), 25)  # a successful write keeps them
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["out.mp4"]
+
+
+def test_output_checks_make_nothing(tmp_path):
+    from actavatar_core.video import atomic_target, check_writable_folder
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file, not a folder"):
+        atomic_target(tmp_path / "file" / "sub" / "out.mp4")
+    with pytest.raises(OutputPathError, match="is a folder"):
+        atomic_target(tmp_path)
+    assert atomic_target(tmp_path / "a" / "b" / "out.mp4") == tmp_path / "a" / "b" / "out.mp4"
+    check_writable_folder(tmp_path / "c")
+    with pytest.raises(OutputPathError, match="cannot be written"):
+        check_writable_folder("/proc/actavatar-nowhere")  # not writable, even for root
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_directory_is_not_called_missing(tmp_path):
+    with pytest.raises(ImageInputError, match="is a directory"):
+        load_image(tmp_path)
+
+
+@pytest.mark.parametrize("rate, channels", [(44100, 2), (22050, 1)])
+def test_speech_track_keeps_the_original_rate_and_channels(tmp_path, speech, rate, channels):
+    import torch
+
+    from actavatar_core.audio import Waveform
+    from actavatar_core.video import speech_track
+
+    source = speech(0.5, rate, channels)
+    fallback = Waveform(torch.zeros(800), 16000)
+    for given in ({"waveform": torch.from_numpy(source)[None], "sample_rate": rate},
+                  write_mp4(tmp_path / "in.mp4", np.zeros((3, 32, 32, 3), np.uint8), 5, source, rate)):
+        audio, got_rate = speech_track(given, fallback)
+        assert got_rate == rate and audio.shape[0] == channels and audio.dtype == np.float32
+    audio, got_rate = speech_track(np.zeros(800, np.float32), fallback)  # a bare array: the pipeline's waveform
+    assert got_rate == 16000 and audio.shape == (1, 800)
+    # written through the writer: the MP4's audio stream has the speech's rate and channels
+    path = write_mp4(tmp_path / "out.mp4", np.zeros((5, 32, 32, 3), np.uint8), 10, *speech_track(
+        {"waveform": torch.from_numpy(source)[None], "sample_rate": rate}))
+    info = probe_video(path)
+    assert (info["sample_rate"], info["audio_channels"]) == (rate, channels)
