@@ -100,7 +100,7 @@ def make_timeline_shot(out: Path, comfy_dir: Path, pack: Path = ROOT) -> Path:
             page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120000)
             page.wait_for_function(f"!!LiteGraph.registered_node_types['{PHASE_NODE_CLASS}']", timeout=60000)
             page.evaluate("async (wf) => { await app.loadGraphData(wf); }", workflow)
-            # Put the Phase Prompt node clear of the side bar and the top menu, at zoom 1, so the clip below is the node and its timeline.
+            # Put the Phase Prompt node clear of the side bar and the top menu, at zoom 1; the clip below is the node.
             page.evaluate("""(id) => { const n = app.graph.getNodeById(id); const ds = app.canvas.ds;
                                 ds.scale = 1; ds.offset[0] = 320 - n.pos[0]; ds.offset[1] = 220 - n.pos[1];
                                 app.graph.setDirtyCanvas(true, true); }""", node["id"])
