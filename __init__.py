@@ -5,7 +5,8 @@ Install by cloning this repository into ``ComfyUI/custom_nodes/`` and ``pip inst
 What loading the pack does (never breaking ComfyUI's start-up: every step is guarded and logged):
 
 1. makes the bundled engine ``actavatar_core`` importable (this folder goes on ``sys.path``);
-2. registers the nodes whose Python dependencies are installed, and logs which are missing and why;
+2. registers the nodes (ComfyUI's V3 schema) through ``comfy_entrypoint``: those whose Python dependencies are
+   installed; the log says which are missing and why;
 3. adds the ``models/actavatar`` model folder and the bundled mini model's folders to ComfyUI's pickers;
 4. copies the example image and speech used by the shipped workflows into ComfyUI's input folder, if absent
    (set ``ACTAVATAR_NO_DEMO_INPUTS=1`` to skip);
@@ -21,27 +22,26 @@ import sys
 _log = logging.getLogger("ActAvatar")
 _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 WEB_DIRECTORY = "./web"
 
 #: Example inputs the shipped workflows load (LoadImage / LoadAudio), put into ComfyUI's input folder.
 DEMO_IMAGE = "actavatar_demo_reference.png"
 DEMO_AUDIO = "actavatar_demo_speech.wav"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+#: The node classes registered by :func:`comfy_entrypoint` (filled when the pack loads; empty if it could not).
+NODES: list = []
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
 
 
 def _setup() -> None:
-    global NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
     if _PACK_DIR not in sys.path:
         sys.path.append(_PACK_DIR)
     try:
         from .nodes import build_mappings
-    except ImportError as exc:  # a dependency the node modules themselves need (torch, numpy)
-        _log.error("ActAvatar: not loaded, a Python package is missing (%s). Fix: pip install -r %s",
-                   exc, os.path.join(_PACK_DIR, "requirements.txt"))
+    except ImportError as exc:  # a dependency the node modules need (torch, numpy, ComfyUI's comfy_api)
+        _log.error("ActAvatar: not loaded, a Python package is missing (%s). Fix: pip install -r %s (and use a "
+                   "ComfyUI with the V3 node API, comfy_api.latest)", exc, os.path.join(_PACK_DIR, "requirements.txt"))
         return
 
     import actavatar_core
@@ -51,14 +51,6 @@ def _setup() -> None:
         _log.warning("ActAvatar: using actavatar_core from %s, not the copy in this pack; uninstall the other "
                      "one (pip uninstall actavatar) if the versions differ.", where)
 
-    classes, names, skipped = build_mappings()
-    NODE_CLASS_MAPPINGS.update(classes)
-    NODE_DISPLAY_NAME_MAPPINGS.update(names)
-    if skipped:
-        missing = sorted({m for mods in skipped.values() for m in mods})
-        _log.error("ActAvatar: missing Python package(s) %s; these nodes are not registered: %s. Fix: pip install "
-                   "-r %s", ", ".join(missing), ", ".join(skipped), os.path.join(_PACK_DIR, "requirements.txt"))
-
     try:
         from .nodes.model_folders import register_model_folders
 
@@ -66,15 +58,20 @@ def _setup() -> None:
     except Exception as exc:  # noqa: BLE001 - never break ComfyUI's start-up
         _log.warning("ActAvatar: could not register the model folders (%s)", exc)
 
+    classes, _, skipped = build_mappings()
+    NODES.extend(classes.values())
+    if skipped:
+        missing = sorted({m for mods in skipped.values() for m in mods})
+        _log.error("ActAvatar: missing Python package(s) %s; these nodes are not registered: %s. Fix: pip install "
+                   "-r %s", ", ".join(missing), ", ".join(skipped), os.path.join(_PACK_DIR, "requirements.txt"))
+
     if os.environ.get("ACTAVATAR_NO_DEMO_INPUTS") != "1":
         try:
             from .nodes import comfy_bridge
+            from .nodes.conventions import write_demo_inputs
 
-            if comfy_bridge.IN_COMFYUI:
-                from actavatar_core.comfy_glue import write_demo_inputs
-
-                for path in write_demo_inputs(comfy_bridge.directory("input"), DEMO_IMAGE, DEMO_AUDIO):
-                    _log.info("ActAvatar: example input written to %s", path)
+            for path in write_demo_inputs(comfy_bridge.directory("input"), DEMO_IMAGE, DEMO_AUDIO):
+                _log.info("ActAvatar: example input written to %s", path)
         except Exception as exc:  # noqa: BLE001 - the examples are a convenience
             _log.warning("ActAvatar: could not put the example inputs into ComfyUI's input folder (%s)", exc)
 
@@ -83,5 +80,20 @@ try:
     _setup()
 except Exception as _exc:  # noqa: BLE001 - a broken pack must not break ComfyUI
     _log.exception("ActAvatar: failed to load (%s); no ActAvatar nodes are registered.", _exc)
-    NODE_CLASS_MAPPINGS.clear()
-    NODE_DISPLAY_NAME_MAPPINGS.clear()
+    NODES.clear()
+
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the extension holding the nodes registered above (none if the pack could not
+    load, which the log explains; ComfyUI starts regardless)."""
+    from comfy_api.latest import ComfyExtension
+
+    class _Empty(ComfyExtension):
+        async def get_node_list(self) -> list:
+            return []
+
+    if not NODES:
+        return _Empty()
+    from .nodes import ActAvatarExtension
+
+    return ActAvatarExtension(NODES)

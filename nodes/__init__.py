@@ -1,15 +1,20 @@
-"""ActAvatar's ComfyUI nodes (V1 classes: plain classes, unit-testable without ComfyUI).
+"""ActAvatar's ComfyUI nodes, on ComfyUI's V3 schema (``comfy_api.latest``: ``io.ComfyNode`` classes).
 
-Node ids are a public contract (workflows and API prompts name them); never rename them.
+Node ids, input names and order, and output types are a public contract (workflows store widget values by
+position, API prompts by input name); never rename or reorder them.
 
 :func:`build_mappings` registers only the nodes whose Python dependencies are importable and logs the rest, so a
-missing optional package never leaves ComfyUI with broken nodes.
+missing optional package never leaves ComfyUI with broken nodes; :class:`ActAvatarExtension` hands those nodes to
+ComfyUI through the pack's ``comfy_entrypoint``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Callable
+
+from comfy_api.latest import ComfyExtension, io
 
 from .audio_encode import ActAvatarAudioEncode
 from .loaders import ActAvatarAudioEncoderLoader, ActAvatarModelLoader, ActAvatarTextEncoderLoader, ActAvatarVAELoader
@@ -19,8 +24,8 @@ from .sampler import ActAvatarSampler
 
 log = logging.getLogger("ActAvatar")
 
-#: node id -> (class, display name)
-NODES: dict[str, tuple[type, str]] = {
+#: node id -> (class, display name), in menu order; each class's schema repeats both (a test keeps them equal).
+NODES: dict[str, tuple[type[io.ComfyNode], str]] = {
     "ActAvatarModelLoader": (ActAvatarModelLoader, "ActAvatar Model Loader"),
     "ActAvatarTextEncoderLoader": (ActAvatarTextEncoderLoader, "ActAvatar Text Encoder Loader"),
     "ActAvatarVAELoader": (ActAvatarVAELoader, "ActAvatar VAE Loader"),
@@ -32,6 +37,8 @@ NODES: dict[str, tuple[type, str]] = {
     "ActAvatarDecode": (ActAvatarDecode, "ActAvatar Decode"),
     "ActAvatarSaveVideo": (ActAvatarSaveVideo, "ActAvatar Save Video"),
 }
+#: The node classes, in menu order.
+NODE_LIST: list[type[io.ComfyNode]] = [cls for cls, _ in NODES.values()]
 
 
 def missing_modules(names: tuple[str, ...] | list[str]) -> list[str]:
@@ -46,8 +53,9 @@ def missing_modules(names: tuple[str, ...] | list[str]) -> list[str]:
     return missing
 
 
-def build_mappings(available=missing_modules) -> tuple[dict[str, type], dict[str, str], dict[str, list[str]]]:
-    """(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, {skipped node id: missing modules})."""
+def build_mappings(available: Callable[[tuple[str, ...]], list[str]] = missing_modules
+                   ) -> tuple[dict[str, type], dict[str, str], dict[str, list[str]]]:
+    """({node id: class}, {node id: display name}, {skipped node id: missing modules})."""
     classes: dict[str, type] = {}
     names: dict[str, str] = {}
     skipped: dict[str, list[str]] = {}
@@ -59,3 +67,13 @@ def build_mappings(available=missing_modules) -> tuple[dict[str, type], dict[str
         classes[node_id] = cls
         names[node_id] = display
     return classes, names, skipped
+
+
+class ActAvatarExtension(ComfyExtension):
+    """What the pack's ``comfy_entrypoint`` gives ComfyUI: the nodes whose dependencies are installed."""
+
+    def __init__(self, nodes: list[type[io.ComfyNode]]):
+        self.nodes = list(nodes)
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(self.nodes)

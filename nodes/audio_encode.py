@@ -1,11 +1,12 @@
-"""Audio Encode: the speech -> ACTAVATAR_AUDIO (wav2vec2 hidden states, windowed per latent frame by the Sampler)."""
+"""Audio Encode: the speech -> ACTAVATAR_AUDIO (wav2vec2 hidden states, windowed per latent frame by the engine)."""
 
 from __future__ import annotations
 
-from actavatar_core import comfy_glue as glue
+from comfy_api.latest import io
 
 from . import comfy_bridge as bridge
-from .values import AUDIO_EMBEDS, AUDIO_ENCODER
+from . import conventions as conv
+from .values import AudioEmbeds, AudioEncoderType
 
 
 def _encoder_function(audio_encoder):
@@ -21,7 +22,7 @@ def _encoder_function(audio_encoder):
     return encode
 
 
-class ActAvatarAudioEncode:
+class ActAvatarAudioEncode(io.ComfyNode):
     """Speech for the avatar: ComfyUI AUDIO + our audio encoder, or core's AUDIO_ENCODER_OUTPUT (from core's
     AudioEncoderLoader/AudioEncoderEncode, so your wav2vec2 file can be reused) -> ACTAVATAR_AUDIO.
 
@@ -30,34 +31,34 @@ class ActAvatarAudioEncode:
     clip when the Sampler runs and cached for re-runs.
     """
 
-    CATEGORY = "ActAvatar"
-    FUNCTION = "encode"
-    RETURN_TYPES = (AUDIO_EMBEDS,)
-    RETURN_NAMES = ("audio_embeds",)
-    DESCRIPTION = ("The speech the avatar says: connect AUDIO + an ActAvatar audio encoder, or core's "
-                   "AudioEncoderEncode output (AUDIO_ENCODER_OUTPUT) from a wav2vec2 audio encoder.")
     REQUIRES = ("transformers",)
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {},
-            "optional": {
-                "audio": ("AUDIO", {"tooltip": "The speech (e.g. from LoadAudio)."}),
-                "audio_encoder": (AUDIO_ENCODER, {"tooltip": "ActAvatar Audio Encoder Loader's wav2vec2."}),
-                "audio_encoder_output": ("AUDIO_ENCODER_OUTPUT", {
-                    "tooltip": "Instead of audio_encoder: core's AudioEncoderEncode output (wav2vec2 only). Connect "
-                               "the same AUDIO too, so the saved video carries the speech."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarAudioEncode", display_name="ActAvatar Audio Encode", category="ActAvatar",
+            description=("The speech the avatar says: connect AUDIO + an ActAvatar audio encoder, or core's "
+                         "AudioEncoderEncode output (AUDIO_ENCODER_OUTPUT) from a wav2vec2 audio encoder."),
+            inputs=[
+                io.Audio.Input("audio", optional=True, tooltip="The speech (e.g. from LoadAudio)."),
+                AudioEncoderType.Input("audio_encoder", optional=True,
+                                       tooltip="ActAvatar Audio Encoder Loader's wav2vec2."),
+                io.AudioEncoderOutput.Input("audio_encoder_output", optional=True,
+                                            tooltip="Instead of audio_encoder: core's AudioEncoderEncode output "
+                                                    "(wav2vec2 only). Connect the same AUDIO too, so the saved "
+                                                    "video carries the speech."),
+            ],
+            outputs=[AudioEmbeds.Output(display_name="audio_embeds")],
+        )
 
-    def encode(self, audio=None, audio_encoder=None, audio_encoder_output=None):
+    @classmethod
+    def execute(cls, audio=None, audio_encoder=None, audio_encoder_output=None) -> io.NodeOutput:
         from actavatar_core.errors import AudioInputError
 
         if audio_encoder_output is not None:
-            return (glue.speech_from_encoder_output(audio_encoder_output, audio),)
+            return io.NodeOutput(conv.speech_from_encoder_output(audio_encoder_output, audio))
         if audio is None or audio_encoder is None:
             raise AudioInputError("ActAvatar Audio Encode needs the speech AUDIO and an audio encoder (or core's "
                                   "AUDIO_ENCODER_OUTPUT).",
                                   "Connect LoadAudio -> audio and ActAvatar Audio Encoder Loader -> audio_encoder.")
-        return (glue.speech_from_audio(audio, _encoder_function(audio_encoder)),)
+        return io.NodeOutput(conv.speech_from_audio(audio, _encoder_function(audio_encoder)))

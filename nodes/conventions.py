@@ -1,7 +1,7 @@
-"""The small computations the ComfyUI nodes need between ComfyUI's data conventions and the engine.
+"""ComfyUI's data conventions, as plain computations between ComfyUI values and the engine.
 
-The node classes in ``nodes/`` are thin adapters; everything they compute lives here so that it is tested with
-the engine and never imports ComfyUI. ComfyUI's conventions, as plain data:
+They live in the node package (the engine ``actavatar_core`` knows nothing of ComfyUI) and import no ComfyUI module,
+so they are tested directly. ComfyUI's conventions, as plain data:
 
 * AUDIO: ``{"waveform": Tensor (B, C, S) float, "sample_rate": int}``;
 * IMAGE: ``Tensor (B, H, W, C)`` float in [0, 1];
@@ -12,8 +12,8 @@ the engine and never imports ComfyUI. ComfyUI's conventions, as plain data:
   hidden states at ~50 Hz, embedding output first) and ``audio_samples`` (count at 16 kHz).
 
 Frame rate: it is set once, on the Phase Prompt node, and travels in :class:`PhasePrompt` to the sampler, which
-decides the clip length (:func:`clip_frames`) and only then windows the audio for that frame rate and length
-(:class:`SpeechClip`), exactly as :func:`actavatar_core.audio.encode_audio` does for the command line.
+decides the clip length (:func:`clip_frames`) and has the engine window the audio features for that frame rate and
+length.
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .audio import (
+from actavatar_core.audio import (
     SAMPLE_RATE, AudioEmbedding, Waveform, clip_frames_for, embed_features, features_from_layers, fit_waveform,
     load_waveform,
 )
-from .errors import AudioInputError, ImageInputError, PhaseScriptError, WeightsError
-from .phases import DEFAULT_FPS, PhaseScript, frames_for_duration, latent_frame_count
-from .video import fit_audio_to_video, safe_output_path
+from actavatar_core.errors import (
+    AudioInputError, ClipTooLongError, ImageInputError, PhaseScriptError, SizeError, WeightsError,
+)
+from actavatar_core.phases import DEFAULT_FPS, PhaseScript, frames_for_duration, latent_frame_count
+from actavatar_core.video import fit_audio_to_video, safe_output_path
 
 #: Ranges of the Phase Prompt node's number inputs (the node declares them; validation repeats them because
 #: ComfyUI skips its own min/max check for inputs that a VALIDATE_INPUTS function takes).
@@ -67,6 +69,12 @@ class PhasePrompt:
         return self.duration if self.duration is not None else self.audio_duration
 
 
+def left_unconverted(*values: Any) -> bool:
+    """True when a number widget's value is still text: ComfyUI could not convert it and already reports that on
+    the input itself, so a node's own check must not report it again under its other inputs."""
+    return any(isinstance(value, (str, bytes)) for value in values)
+
+
 def _check_range(name: str, value: Any, low: float, high: float, fix: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"{name} must be a number, got {value!r}. Fix: {fix}"
@@ -85,9 +93,49 @@ def phase_prompt_problem(phase_script: Any, duration: Any = 0.0, fps: Any = DEFA
         if problem:
             return problem
     try:
+        if duration:
+            clip_length_check(float(fps), duration=float(duration))
         script = PhaseScript.parse(phase_script)
         script.validate(float(duration) if duration else None, float(fps))
-    except PhaseScriptError as exc:
+    except (PhaseScriptError, SizeError) as exc:
+        return str(exc)
+    return None
+
+
+def clip_length_check(fps: float, *, duration: float | None = None, audio_duration: float | None = None) -> None:
+    """Refuse a clip longer than the model's rotary table holds (Wan2.2's, which every ActAvatar model keeps), from
+    the duration set on the node or the connected audio's length, before any model runs."""
+    from actavatar_core.limits import DEFAULT_LIMITS, check_clip
+
+    if duration:
+        frames = frames_for_duration(duration, fps)
+        if frames > DEFAULT_LIMITS.max_frames:
+            longest = DEFAULT_LIMITS.max_seconds(fps)
+            raise ClipTooLongError(
+                f"A duration of {duration:g} s ({frames} frames at {fps:g} fps) is longer than this model can make: "
+                f"at most {DEFAULT_LIMITS.max_frames} frames ({longest:.1f} s at {fps:g} fps).",
+                f"Set duration to at most {math.floor(longest * 10) / 10:g} s (or 0 to follow a shorter audio), or "
+                "split the clip.")
+    elif audio_duration is not None:
+        check_clip(fps=fps, audio_seconds=audio_duration)
+
+
+def frames_problem(frames: Any) -> str | None:
+    """The queue-time check of the Sampler's ``frames``: 0 (follow the audio) or 4k+1 frames the model can make."""
+    from actavatar_core.limits import DEFAULT_LIMITS, check_clip
+
+    if isinstance(frames, bool) or not isinstance(frames, (int, float)) or frames != int(frames):
+        return f"frames must be a whole number, got {frames!r}. Fix: use 0 to follow the audio, or 4k+1 frames."
+    frames = int(frames)
+    if frames == 0:
+        return None
+    if frames < 0:
+        return (f"frames {frames} is negative. Fix: use 0 to follow the audio, or 4k+1 frames up to "
+                f"{DEFAULT_LIMITS.max_frames}.")
+    try:
+        check_clip(fps=DEFAULT_FPS, num_frames=frames)
+        latent_frame_count(frames)
+    except (SizeError, PhaseScriptError) as exc:
         return str(exc)
     return None
 
@@ -119,6 +167,7 @@ def make_phase_prompt(phase_script: Any, duration: float = 0.0, fps: float = DEF
     script = PhaseScript.parse(phase_script)
     seconds = audio_seconds(audio)
     fixed = float(duration) if duration and duration > 0 else None
+    clip_length_check(float(fps), duration=fixed, audio_duration=seconds)
     if fixed is not None:
         clip = fixed
     elif seconds is not None:  # the clip that follows this audio: the smallest 4k+1 frames covering it
@@ -157,8 +206,8 @@ def validate_for_clip(phase_prompt: PhasePrompt, num_frames: int, max_phases: in
 
 def check_sizes(width: int, height: int, frames: int) -> str | None:
     """Queue-time check of the sampler's size inputs (None when valid)."""
-    from .errors import SizeError
-    from .vae import check_size
+    from actavatar_core.errors import SizeError
+    from actavatar_core.vae import check_size
 
     try:
         check_size(int(width), int(height))
@@ -283,7 +332,7 @@ def fit_audio(audio: dict | None, num_frames: int, fps: float, channels: int = 1
 # ================================================================================================ latents
 def raw_latents(latents: torch.Tensor, vae: Any) -> torch.Tensor:
     """Engine (normalised) latents -> raw VAE latents, ComfyUI's LATENT convention: ``z * std + mean``."""
-    from .vae import latent_stats
+    from actavatar_core.vae import latent_stats
 
     mean, std = latent_stats(vae, latents.device)
     return latents.float() * std + mean
@@ -291,7 +340,7 @@ def raw_latents(latents: torch.Tensor, vae: Any) -> torch.Tensor:
 
 def normalised_latents(samples: torch.Tensor, vae: Any) -> torch.Tensor:
     """Raw VAE latents (a ComfyUI LATENT's samples) -> the engine's normalised latents."""
-    from .vae import latent_stats
+    from actavatar_core.vae import latent_stats
 
     z_dim = int(vae.config.z_dim)
     if samples.ndim != 5 or samples.shape[1] != z_dim:
@@ -397,6 +446,21 @@ def output_file(output_dir: str | Path, filename_prefix: str, width: int, height
     return path, path.name, "" if subfolder == "." else subfolder
 
 
+def prefix_problem(output_dir: str | Path, filename_prefix: Any) -> str | None:
+    """The queue-time check of a saving node's ``filename_prefix``: None when a file can be written with it inside
+    ``output_dir``, else the message (a prefix leaving the folder, characters no file name may hold, a folder that
+    cannot be written)."""
+    from actavatar_core.errors import ActAvatarError
+
+    if not isinstance(filename_prefix, str):
+        return f"filename_prefix must be text, got {filename_prefix!r}. Fix: use e.g. 'ActAvatar/ActAvatar'."
+    try:
+        output_file(output_dir, filename_prefix, 0, 0)
+    except ActAvatarError as exc:
+        return str(exc)
+    return None
+
+
 def make_readable(path: str | Path) -> None:
     """Give a finished output file the permissions of any new file (the atomic writer's temporary file is private,
     0600, so without this ComfyUI's other users and tools could not read the video)."""
@@ -431,7 +495,7 @@ def write_demo_inputs(folder: str | Path, image_name: str, audio_name: str, over
     the names the shipped workflows use. Existing files are kept. Returns the files written."""
     from PIL import Image
 
-    from .defaults import DEMO_DIR, _generated_demo_inputs
+    from actavatar_core.defaults import DEMO_DIR, _generated_demo_inputs
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 Every loader reads its file with ``actavatar_core.loading`` onto the offload device (RAM), and hands the module to
 ComfyUI's model management (:func:`comfy_bridge.manage`), which moves it to the GPU when a node uses it and frees
 or offloads it when memory is needed. Re-queueing never reloads: ComfyUI caches the loader's output as long as
-the inputs and the file (IS_CHANGED: path, size, modification time) are unchanged.
+the inputs and the file (``fingerprint_inputs``: path, size, modification time) are unchanged.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import logging
 import os
 from typing import Any
 
+from comfy_api.latest import io
+
 from . import comfy_bridge as bridge
 from .model_folders import default_choice
-from .values import AUDIO_ENCODER, MODEL, TEXT_ENCODER, VAE, AudioEncoder, LoadedModel, TextEncoder
+from .values import AudioEncoder, AudioEncoderType, LoadedModel, Model, TextEncoder, TextEncoderType, Vae
 
 log = logging.getLogger("ActAvatar")
 
@@ -27,15 +29,21 @@ _DEVICE_TIP = ("auto: ComfyUI's device (the GPU, or the CPU with --cpu); the mod
                "re-runs). cpu: always run on the CPU.")
 
 
-def _combo(folder: str, tooltip: str, extra: list[str] | None = None) -> tuple[list[str], dict[str, Any]]:
+def _combo(name: str, folder: str, tooltip: str, extra: list[str] | None = None) -> io.Combo.Input:
+    """A picker of a model folder's files (the bundled mini model's file first choice)."""
     names = (extra or []) + bridge.filename_list(folder)
-    options: dict[str, Any] = {"tooltip": tooltip}
     default = default_choice(folder, [n for n in names if n not in (extra or [])])
     if extra and default is None:
         default = extra[0]
-    if default is not None:
-        options["default"] = default
-    return names, options
+    return io.Combo.Input(name, options=names, default=default, tooltip=tooltip)
+
+
+def _precision() -> io.Combo.Input:
+    return io.Combo.Input("precision", options=PRECISIONS, default="auto", tooltip=_PRECISION_TIP)
+
+
+def _device() -> io.Combo.Input:
+    return io.Combo.Input("device", options=DEVICES, default="auto", tooltip=_DEVICE_TIP)
 
 
 def file_signature(folder: str, name: str) -> str:
@@ -50,33 +58,35 @@ def file_signature(folder: str, name: str) -> str:
         return f"missing|{name}"
 
 
-class ActAvatarModelLoader:
+class ActAvatarModelLoader(io.ComfyNode):
     """The Wan2.2 TI2V-5B diffusion model (the user's file) plus the ActAvatar weights (audio adapter + phase
     embeddings) -> ACTAVATAR_MODEL."""
 
-    CATEGORY = "ActAvatar/loaders"
-    FUNCTION = "load"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    DESCRIPTION = ("Loads the Wan2.2 TI2V-5B diffusion model from models/diffusion_models (e.g. "
-                   "wan2.2_ti2v_5B_fp16.safetensors) and the ActAvatar weights from models/actavatar.")
     REQUIRES = ("diffusers", "transformers", "safetensors")
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model_name": _combo("diffusion_models", "The Wan2.2 TI2V-5B diffusion model (models/diffusion_models)."),
-            "actavatar_weights": _combo("actavatar", "ActAvatar weights (models/actavatar): the audio adapter and phase "
-                                        "embeddings. 'none' gives an untrained adapter (no lip sync).", ["none"]),
-            "precision": (PRECISIONS, {"default": "auto", "tooltip": _PRECISION_TIP}),
-            "device": (DEVICES, {"default": "auto", "tooltip": _DEVICE_TIP}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarModelLoader", display_name="ActAvatar Model Loader", category="ActAvatar/loaders",
+            description=("Loads the Wan2.2 TI2V-5B diffusion model from models/diffusion_models (e.g. "
+                         "wan2.2_ti2v_5B_fp16.safetensors) and the ActAvatar weights from models/actavatar."),
+            inputs=[
+                _combo("model_name", "diffusion_models", "The Wan2.2 TI2V-5B diffusion model (models/diffusion_models)."),
+                _combo("actavatar_weights", "actavatar", "ActAvatar weights (models/actavatar): the audio adapter and "
+                       "phase embeddings. 'none' gives an untrained adapter (no lip sync).", ["none"]),
+                _precision(), _device(),
+            ],
+            outputs=[Model.Output(display_name="model")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, model_name: str, actavatar_weights: str, precision: str = "auto", device: str = "auto") -> str:
+    def fingerprint_inputs(cls, model_name: str, actavatar_weights: str, precision: str = "auto",
+                           device: str = "auto") -> str:
         return file_signature("diffusion_models", model_name) + "&" + file_signature("actavatar", actavatar_weights)
 
-    def load(self, model_name: str, actavatar_weights: str, precision: str = "auto", device: str = "auto"):
+    @classmethod
+    def execute(cls, model_name: str, actavatar_weights: str, precision: str = "auto",
+                device: str = "auto") -> io.NodeOutput:
         from actavatar_core.loading import load_wan_transformer
         from actavatar_core.model import build_from_weights
 
@@ -89,33 +99,35 @@ class ActAvatarModelLoader:
         if weights is None:
             log.warning("ActAvatar: no ActAvatar weights picked; the audio adapter is untrained (no lip sync).")
         managed = bridge.manage(model, "diffusion", device, name=model_name)
-        return (LoadedModel(managed, path, {"weights": weights, "dtype": str(dtype)}),)
+        return io.NodeOutput(LoadedModel(managed, path, {"weights": weights, "dtype": str(dtype)}))
 
 
-class ActAvatarTextEncoderLoader:
+class ActAvatarTextEncoderLoader(io.ComfyNode):
     """umT5-XXL (ComfyUI's umt5_xxl_fp16 / fp8_scaled files carry their tokenizer) -> ACTAVATAR_TEXT_ENCODER."""
 
-    CATEGORY = "ActAvatar/loaders"
-    FUNCTION = "load"
-    RETURN_TYPES = (TEXT_ENCODER,)
-    RETURN_NAMES = ("text_encoder",)
-    DESCRIPTION = "Loads the umT5-XXL text encoder from models/text_encoders (e.g. umt5_xxl_fp8_e4m3fn_scaled.safetensors)."
     REQUIRES = ("transformers", "safetensors", "tokenizers")
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "text_encoder_name": _combo("text_encoders", "umT5-XXL (models/text_encoders), the file ComfyUI's Wan "
-                                        "workflows use; its tokenizer is read from the file."),
-            "precision": (PRECISIONS, {"default": "auto", "tooltip": _PRECISION_TIP}),
-            "device": (DEVICES, {"default": "auto", "tooltip": _DEVICE_TIP}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarTextEncoderLoader", display_name="ActAvatar Text Encoder Loader",
+            category="ActAvatar/loaders",
+            description=("Loads the umT5-XXL text encoder from models/text_encoders (e.g. "
+                         "umt5_xxl_fp8_e4m3fn_scaled.safetensors)."),
+            inputs=[
+                _combo("text_encoder_name", "text_encoders", "umT5-XXL (models/text_encoders), the file ComfyUI's Wan "
+                       "workflows use; its tokenizer is read from the file."),
+                _precision(), _device(),
+            ],
+            outputs=[TextEncoderType.Output(display_name="text_encoder")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, text_encoder_name: str, precision: str = "auto", device: str = "auto") -> str:
+    def fingerprint_inputs(cls, text_encoder_name: str, precision: str = "auto", device: str = "auto") -> str:
         return file_signature("text_encoders", text_encoder_name)
 
-    def load(self, text_encoder_name: str, precision: str = "auto", device: str = "auto"):
+    @classmethod
+    def execute(cls, text_encoder_name: str, precision: str = "auto", device: str = "auto") -> io.NodeOutput:
         from actavatar_core.loading import load_umt5
 
         path = bridge.full_path("text_encoders", text_encoder_name)
@@ -123,32 +135,31 @@ class ActAvatarTextEncoderLoader:
         dtype = bridge.resolve_dtype(precision, "text", load_device)
         model, tokenizer = load_umt5(path, dtype=dtype, device=offload_device)
         managed = bridge.manage(model, "text", device, name=text_encoder_name)
-        return (TextEncoder(managed, path, {"dtype": str(dtype)}, tokenizer=tokenizer),)
+        return io.NodeOutput(TextEncoder(managed, path, {"dtype": str(dtype)}, tokenizer=tokenizer))
 
 
-class ActAvatarVAELoader:
+class ActAvatarVAELoader(io.ComfyNode):
     """The Wan2.2 VAE (48 latent channels; wan2.2_vae.safetensors) -> ACTAVATAR_VAE."""
 
-    CATEGORY = "ActAvatar/loaders"
-    FUNCTION = "load"
-    RETURN_TYPES = (VAE,)
-    RETURN_NAMES = ("vae",)
-    DESCRIPTION = "Loads the Wan2.2 VAE from models/vae (wan2.2_vae.safetensors; the 14B models' Wan2.1 VAE does not fit)."
     REQUIRES = ("diffusers", "safetensors")
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "vae_name": _combo("vae", "The Wan2.2 VAE (models/vae), wan2.2_vae.safetensors."),
-            "precision": (PRECISIONS, {"default": "auto", "tooltip": _PRECISION_TIP}),
-            "device": (DEVICES, {"default": "auto", "tooltip": _DEVICE_TIP}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarVAELoader", display_name="ActAvatar VAE Loader", category="ActAvatar/loaders",
+            description=("Loads the Wan2.2 VAE from models/vae (wan2.2_vae.safetensors; the 14B models' Wan2.1 VAE "
+                         "does not fit)."),
+            inputs=[_combo("vae_name", "vae", "The Wan2.2 VAE (models/vae), wan2.2_vae.safetensors."),
+                    _precision(), _device()],
+            outputs=[Vae.Output(display_name="vae")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, vae_name: str, precision: str = "auto", device: str = "auto") -> str:
+    def fingerprint_inputs(cls, vae_name: str, precision: str = "auto", device: str = "auto") -> str:
         return file_signature("vae", vae_name)
 
-    def load(self, vae_name: str, precision: str = "auto", device: str = "auto"):
+    @classmethod
+    def execute(cls, vae_name: str, precision: str = "auto", device: str = "auto") -> io.NodeOutput:
         from actavatar_core.loading import load_wan_vae
 
         path = bridge.full_path("vae", vae_name)
@@ -156,33 +167,35 @@ class ActAvatarVAELoader:
         dtype = bridge.resolve_dtype(precision, "vae", load_device)
         model = load_wan_vae(path, dtype=dtype, device=offload_device)
         managed = bridge.manage(model, "vae", device, name=vae_name)
-        return (LoadedModel(managed, path, {"dtype": str(dtype)}),)
+        return io.NodeOutput(LoadedModel(managed, path, {"dtype": str(dtype)}))
 
 
-class ActAvatarAudioEncoderLoader:
+class ActAvatarAudioEncoderLoader(io.ComfyNode):
     """wav2vec2 (ComfyUI's audio_encoders files, e.g. wav2vec2_large_english_fp16) -> ACTAVATAR_AUDIO_ENCODER."""
 
-    CATEGORY = "ActAvatar/loaders"
-    FUNCTION = "load"
-    RETURN_TYPES = (AUDIO_ENCODER,)
-    RETURN_NAMES = ("audio_encoder",)
-    DESCRIPTION = "Loads a wav2vec2 audio encoder from models/audio_encoders (e.g. wav2vec2_large_english_fp16.safetensors)."
     REQUIRES = ("transformers", "safetensors")
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "audio_encoder_name": _combo("audio_encoders", "wav2vec2 (models/audio_encoders); use the one the "
-                                         "ActAvatar weights were trained with (wav2vec2 large for the release)."),
-            "precision": (PRECISIONS, {"default": "auto", "tooltip": _PRECISION_TIP}),
-            "device": (DEVICES, {"default": "auto", "tooltip": _DEVICE_TIP}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarAudioEncoderLoader", display_name="ActAvatar Audio Encoder Loader",
+            category="ActAvatar/loaders",
+            description=("Loads a wav2vec2 audio encoder from models/audio_encoders (e.g. "
+                         "wav2vec2_large_english_fp16.safetensors)."),
+            inputs=[
+                _combo("audio_encoder_name", "audio_encoders", "wav2vec2 (models/audio_encoders); use the one the "
+                       "ActAvatar weights were trained with (wav2vec2 large for the release)."),
+                _precision(), _device(),
+            ],
+            outputs=[AudioEncoderType.Output(display_name="audio_encoder")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, audio_encoder_name: str, precision: str = "auto", device: str = "auto") -> str:
+    def fingerprint_inputs(cls, audio_encoder_name: str, precision: str = "auto", device: str = "auto") -> str:
         return file_signature("audio_encoders", audio_encoder_name)
 
-    def load(self, audio_encoder_name: str, precision: str = "auto", device: str = "auto"):
+    @classmethod
+    def execute(cls, audio_encoder_name: str, precision: str = "auto", device: str = "auto") -> io.NodeOutput:
         from actavatar_core.loading import load_wav2vec2
 
         path = bridge.full_path("audio_encoders", audio_encoder_name)
@@ -190,4 +203,4 @@ class ActAvatarAudioEncoderLoader:
         dtype = bridge.resolve_dtype(precision, "audio", load_device)
         model, config = load_wav2vec2(path, dtype=dtype, device=offload_device)
         managed = bridge.manage(model, "audio", device, name=audio_encoder_name)
-        return (AudioEncoder(managed, path, dict(config), do_normalize=bool(config.get("do_normalize", True))),)
+        return io.NodeOutput(AudioEncoder(managed, path, dict(config), do_normalize=bool(config.get("do_normalize", True))))

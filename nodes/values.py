@@ -1,8 +1,9 @@
 """The values that travel on ActAvatar's own socket types (loaded models and conditioning).
 
 Socket types (public names, used in workflows): ACTAVATAR_MODEL, ACTAVATAR_TEXT_ENCODER, ACTAVATAR_VAE,
-ACTAVATAR_AUDIO_ENCODER, PHASE_PROMPT (:class:`actavatar_core.comfy_glue.PhasePrompt`), ACTAVATAR_CONDITIONING,
-ACTAVATAR_AUDIO (:class:`actavatar_core.comfy_glue.SpeechClip`).
+ACTAVATAR_AUDIO_ENCODER, PHASE_PROMPT (:class:`nodes.conventions.PhasePrompt`), ACTAVATAR_CONDITIONING,
+ACTAVATAR_AUDIO (:class:`nodes.conventions.SpeechClip`). Each is a V3 custom type (``io.Custom``) whose ``Input`` and
+``Output`` the node schemas use.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from actavatar_core.comfy_glue import PhasePrompt
+from comfy_api.latest import io
 
 from .comfy_bridge import ManagedModel
+from .conventions import PhasePrompt
 
-MODEL = "ACTAVATAR_MODEL"
-TEXT_ENCODER = "ACTAVATAR_TEXT_ENCODER"
-VAE = "ACTAVATAR_VAE"
-AUDIO_ENCODER = "ACTAVATAR_AUDIO_ENCODER"
-PHASE_PROMPT = "PHASE_PROMPT"
-CONDITIONING = "ACTAVATAR_CONDITIONING"
-AUDIO_EMBEDS = "ACTAVATAR_AUDIO"
+Model = io.Custom("ACTAVATAR_MODEL")
+TextEncoderType = io.Custom("ACTAVATAR_TEXT_ENCODER")
+Vae = io.Custom("ACTAVATAR_VAE")
+AudioEncoderType = io.Custom("ACTAVATAR_AUDIO_ENCODER")
+PhasePromptType = io.Custom("PHASE_PROMPT")
+ConditioningType = io.Custom("ACTAVATAR_CONDITIONING")
+AudioEmbeds = io.Custom("ACTAVATAR_AUDIO")
 
 
 @dataclass
