@@ -3,7 +3,8 @@
 The framework hands over, per cross-attention call, its projected ``q`` (B, L, H*D) and ``k``/``v`` (B, S, H*D),
 the latent grid of the video tokens and which rows of the batch are conditional passes carrying a phase script.
 Everything here is plain torch: routing reuses :class:`~actavatar_core.attention.PhaseRouting` and
-:func:`~actavatar_core.attention.routed_attention`, exactly what the engine's routed PACA processor runs.
+:func:`~actavatar_core.attention.phase_attention` (run-wise routed attention, relay's biased attention), exactly what
+the engine's PACA processor runs.
 
 Frames map by the clip's absolute time: a context window or an extension passes the absolute latent indices of
 its frames. Tokens past the video grid (S2V's reference and motion latents, frames concatenated in time) are not
@@ -15,6 +16,9 @@ Modes:
 * ``routed``    - each latent frame sees the base block and only the phases active at its time (hard).
 * ``feathered`` - as ``routed``, and frames within ``feather / 2`` latent frames of a boundary blend the sets on
   both sides with a linear ramp.
+* ``relay``     - Prompt Relay's soft penalty (:func:`~actavatar_core.attention.relay_attention`): every token stays
+  visible, a frame's logits on phase k's tokens get ``-d**2 / (2 * width**2)`` for its distance ``d`` in latent
+  frames to k's window, measured over the whole clip (a window's frames too).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .attention import PhaseRouting, frame_mixtures, routed_attention
+from .attention import PhaseRouting, RelayRouting, frame_mixtures, phase_attention
 from .errors import ActAvatarError
 from .phases import VAE_TEMPORAL_STRIDE, PhaseScript, latent_frame_times, pixel_frame_count
 
@@ -34,7 +38,9 @@ PHASE_SPANS_KEY = "actavatar_phase_spans"
 SPECS_KEY = "actavatar_phase_specs"
 #: Key of the per-forward :class:`CallPlan` in ``transformer_options``.
 PLAN_KEY = "actavatar_phase_plan"
-NATIVE_MODES = ("routed", "feathered")
+#: Key of the clip's latent frame count (the sampled latent) in ``transformer_options``.
+FRAMES_KEY = "actavatar_phase_clip_frames"
+NATIVE_MODES = ("routed", "feathered", "relay")
 
 #: attend(q, k, v) on (B, S, H*D) tensors -> (B, L, H*D): the framework's own attention (ComfyUI's optimized one).
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,10 +77,12 @@ class PhaseSpans:
 
 @dataclass(frozen=True)
 class PhaseControlSettings:
-    """The node's widgets: ``mode`` (see :data:`NATIVE_MODES`) and ``feather`` (ramp width in latent frames)."""
+    """The node's widgets: ``mode`` (see :data:`NATIVE_MODES`), ``feather`` (ramp width) and ``relay_width``
+    (Prompt Relay's width), both in latent frames."""
 
     mode: str = "routed"
     feather: float = 2.0
+    relay_width: float = 2.0
 
     def __post_init__(self) -> None:
         if self.mode not in NATIVE_MODES:
@@ -82,6 +90,9 @@ class PhaseControlSettings:
         if self.mode == "feathered" and not self.feather > 0:
             raise ActAvatarError(f"Feathered mode needs a ramp wider than 0 latent frames (got {self.feather}).",
                                  "Set feather to 1 or more, or use routed mode.")
+        if self.mode == "relay" and not self.relay_width > 0:
+            raise ActAvatarError(f"Relay mode needs a width above 0 latent frames (got {self.relay_width}).",
+                                 "Set relay_width to e.g. 2, or use routed mode for a hard switch.")
 
 
 def specs_from_conds(conds: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[Any, PhaseSpans]:
@@ -115,8 +126,9 @@ def clip_frame_indices(num_local_frames: int, window_indices: Sequence[int] | No
     return absolute + [None] * (num_local_frames - len(absolute))
 
 
-def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Sequence[int], text_len: int) -> PhaseRouting | None:
-    """Routing over the clip's latent frames 0..max(frames), indexed by absolute latent frame.
+def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Sequence[int], text_len: int,
+                  clip_frames: int = 0) -> PhaseRouting | RelayRouting | None:
+    """Routing over the clip's latent frames 0..max(clip_frames, max(frames) + 1), indexed by absolute latent frame.
 
     None when every frame in ``frames`` may see every token: plain attention is then exactly what routing computes.
     """
@@ -130,7 +142,7 @@ def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Seq
     every = frozenset(range(1, spans.num_phases + 1))
     if not every or not frames:
         return None
-    total = max(frames) + 1
+    total = max(max(frames) + 1, clip_frames)
     active = spans.script.active_phases(total, spans.fps)
     feather = settings.feather if settings.mode == "feathered" else 0.0
     boundaries = sorted({t for p in spans.script.phases for t in (p.start, p.end)})
@@ -139,7 +151,8 @@ def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Seq
     full = ((every, 1.0),)
     if all(mixtures[f] == full for f in frames):
         return None
-    return PhaseRouting(block_ids[None], mixtures)
+    routing = PhaseRouting(block_ids[None], mixtures)
+    return RelayRouting(routing, settings.relay_width) if settings.mode == "relay" else routing
 
 
 @dataclass
@@ -150,7 +163,7 @@ class CallPlan:
     tokens after them (frames that are not clip frames, reference and motion latents) attend unrouted.
     """
 
-    routings: list[PhaseRouting | None]
+    routings: list[PhaseRouting | RelayRouting | None]
     frames: list[int]
     tokens_per_frame: int
     _token_frames: dict = field(default_factory=dict, repr=False)
@@ -174,7 +187,8 @@ class CallPlan:
 
 def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *, uuids: Sequence[Any],
               cond_or_uncond: Sequence[int], grid: Sequence[int], text_len: int,
-              window_indices: Sequence[int] | None = None, anchor_index: int | None = None) -> CallPlan | None:
+              window_indices: Sequence[int] | None = None, anchor_index: int | None = None,
+              clip_frames: int = 0) -> CallPlan | None:
     """Which chunks of a batched call are routed and how. Only conditional chunks (``cond_or_uncond`` 0) whose
     cond carries spans are routed; None when nothing is."""
     local = clip_frame_indices(int(grid[0]), window_indices, anchor_index)
@@ -183,10 +197,10 @@ def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *
         if f is None:
             break
         frames.append(f)
-    routings: list[PhaseRouting | None] = []
+    routings: list[PhaseRouting | RelayRouting | None] = []
     for uid, kind in zip(uuids, cond_or_uncond):
         spans = specs.get(uid) if kind == 0 else None
-        routings.append(None if spans is None else build_routing(spans, settings, frames, text_len))
+        routings.append(None if spans is None else build_routing(spans, settings, frames, text_len, clip_frames))
     plan = CallPlan(routings, frames, int(grid[1]) * int(grid[2]))
     return plan if plan.routes else None
 
@@ -194,8 +208,9 @@ def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *
 def phase_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, plan: CallPlan,
                           attend: AttendFn) -> torch.Tensor:
     """Text cross-attention of a batched call, (B, L, H*D) in and out. Chunks without routing go through
-    ``attend`` unchanged; in routed chunks the clip's tokens run :func:`routed_attention` per run of frames that
-    share a phase set, and the tokens after them (not clip frames) go through ``attend`` with every text token."""
+    ``attend`` unchanged; in routed chunks the clip's tokens run the engine's
+    :func:`~actavatar_core.attention.phase_attention` (run-wise routed attention, or relay's biased attention), and
+    the tokens after them (not clip frames) go through ``attend`` with every text token."""
     chunks = len(plan.routings)
     if q.shape[0] % chunks:
         raise ActAvatarError(f"A batch of {q.shape[0]} does not split into {chunks} conditioning chunks.",
@@ -212,7 +227,7 @@ def phase_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
             outs.append(attend(q[sl], k[sl], v[sl]))
             continue
         qh, kh, vh = (t[sl].unflatten(2, (heads, -1)) for t in (q[:, :clip], k, v))
-        out = routed_attention(qh, kh, vh, routing, plan.token_frame(q.device)).flatten(2).to(q.dtype)
+        out = phase_attention(qh, kh, vh, routing, plan.token_frame(q.device)).flatten(2).to(q.dtype)
         if q.shape[1] > clip:
             out = torch.cat([out, attend(q[sl, clip:], k[sl], v[sl])], dim=1)
         outs.append(out)

@@ -85,12 +85,13 @@ class PhaseSpecsWrapper:
         engine.check_before_sampling(specs, shape[2])
         options = guider.model_options.setdefault("transformer_options", {})
         options[engine.SPECS_KEY] = specs
+        options[engine.FRAMES_KEY] = shape[2]
         options[WRAPPER_KEY] = self.settings
         try:
             return executor(noise, *args, **kwargs)
         finally:
-            options.pop(engine.SPECS_KEY, None)
-            options.pop(WRAPPER_KEY, None)
+            for key in (engine.SPECS_KEY, engine.FRAMES_KEY, WRAPPER_KEY):
+                options.pop(key, None)
 
 
 class PlanCallWrapper:
@@ -109,7 +110,7 @@ class PlanCallWrapper:
         plan = engine.plan_call(
             specs, options[WRAPPER_KEY], uuids=options["uuids"], cond_or_uncond=options["cond_or_uncond"], grid=grid,
             text_len=context.shape[1], window_indices=getattr(window, "index_list", None),
-            anchor_index=getattr(window, "causal_anchor_index", None))
+            anchor_index=getattr(window, "causal_anchor_index", None), clip_frames=options.get(engine.FRAMES_KEY, 0))
         if plan is None:
             return executor(x, timestep, context, *args, **kwargs)
         options[engine.PLAN_KEY] = plan
@@ -119,9 +120,9 @@ class PlanCallWrapper:
             options.pop(engine.PLAN_KEY, None)
 
 
-def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0) -> Any:
+def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0, relay_width: float = 2.0) -> Any:
     """A clone of ``model`` (a ComfyUI ModelPatcher of a native Wan model) with phase control on every block."""
-    settings = engine.PhaseControlSettings(mode, feather)
+    settings = engine.PhaseControlSettings(mode, feather, relay_width)
     dm = model.get_model_object("diffusion_model")
     if not isinstance(dm, wan.WanModel) or not hasattr(dm, "blocks"):
         raise ActAvatarError(f"ActAvatar Phase Control works on ComfyUI's Wan models; this model is a "
@@ -205,17 +206,21 @@ class ActAvatarPhaseControl(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Combo.Input("mode", options=list(engine.NATIVE_MODES), default="routed",
                                tooltip="routed: hard switch at each boundary; feathered: linear blend over 'feather' "
-                                       "latent frames around each boundary."),
+                                       "latent frames around each boundary; relay: Prompt Relay's soft penalty on "
+                                       "a phase's tokens that grows with the frame's distance from its window."),
                 io.Float.Input("feather", default=2.0, min=0.0, max=16.0, step=0.5,
                                tooltip="Ramp width in latent frames (feathered mode only; 1 latent frame = 4 video "
                                        "frames)."),
+                io.Float.Input("relay_width", default=2.0, min=0.05, max=64.0, step=0.05,
+                               tooltip="Relay mode only: the penalty's width in latent frames (small: close to routed, "
+                                       "large: every frame sees every phase)."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model, mode: str = "routed", feather: float = 2.0) -> io.NodeOutput:
-        return io.NodeOutput(apply_phase_control(model, mode, feather))
+    def execute(cls, model, mode: str = "routed", feather: float = 2.0, relay_width: float = 2.0) -> io.NodeOutput:
+        return io.NodeOutput(apply_phase_control(model, mode, feather, relay_width))
 
 
 class ActAvatarPhaseTextEncode(io.ComfyNode):

@@ -151,3 +151,23 @@ def test_text_length_mismatch_is_refused_and_repetition_is_followed():
 
 def test_token_spans():
     assert SPANS.token_spans() == [(4, 7), (7, 10)]
+
+
+def test_relay_limits_and_windows_measured_on_the_whole_clip():
+    q, k, v = _qkv(1, 9)
+    routed = N.phase_cross_attention(q, k, v, HEADS, _plan(9), _attend)
+    narrow = N.phase_cross_attention(q, k, v, HEADS, _plan(9, settings=N.PhaseControlSettings("relay", relay_width=1e-3)), _attend)
+    torch.testing.assert_close(narrow, routed, rtol=1e-5, atol=1e-5)
+    wide = N.phase_cross_attention(q, k, v, HEADS, _plan(9, settings=N.PhaseControlSettings("relay", relay_width=1e6)), _attend)
+    torch.testing.assert_close(wide, _attend(q, k, v), rtol=1e-5, atol=1e-5)
+    relay = N.PhaseControlSettings("relay", relay_width=2.0)
+    full = N.phase_cross_attention(q, k, v, HEADS, _plan(9, settings=relay), _attend)
+    assert (full - routed).abs().max() > 1e-3 and (full - _attend(q, k, v)).abs().max() > 1e-3
+    # a window of frames 0-4: phase 2 starts at frame 5, outside it; its distance still counts from the clip
+    head = _plan(5, settings=relay, window_indices=[0, 1, 2, 3, 4], clip_frames=9)
+    out = N.phase_cross_attention(q[:, : 5 * TPF], k, v, HEADS, head, _attend)
+    torch.testing.assert_close(out, full[:, : 5 * TPF], rtol=1e-6, atol=1e-6)
+    blind = _plan(5, settings=relay, window_indices=[0, 1, 2, 3, 4])  # without the clip length: phase 2 is nowhere
+    assert not torch.allclose(N.phase_cross_attention(q[:, : 5 * TPF], k, v, HEADS, blind, _attend), out)
+    with pytest.raises(ActAvatarError, match="width above 0"):
+        N.PhaseControlSettings("relay", relay_width=0.0)

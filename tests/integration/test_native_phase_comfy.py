@@ -110,10 +110,11 @@ def _window_frames(phase: int) -> set[int]:
     return {j for j, a in enumerate(SCRIPT.active_phases(FRAMES, FPS)) if phase in a}
 
 
-def test_no_phases_or_one_whole_clip_phase_equals_the_unpatched_model_bit_for_bit(comfy, model):
+@pytest.mark.parametrize("mode", ["routed", "relay"])
+def test_no_phases_or_one_whole_clip_phase_equals_the_unpatched_model_bit_for_bit(comfy, model, mode):
     ctx, neg, noise = _inputs()
     plain = _sample(comfy, model, [[ctx, {}]], [[neg, {}]], noise, steps=2)
-    patched = comfy.node.apply_phase_control(model, "routed")
+    patched = comfy.node.apply_phase_control(model, mode)
     none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
     whole = N.PhaseSpans(PhaseScript.from_compact("A man talks | 0-2.06s: waves"), FPS, (BLOCK_IDS > 0).long())
     for spans in (none, whole):
@@ -140,6 +141,23 @@ def test_phase_tokens_change_only_the_frames_of_their_window(comfy, model, mode)
             assert changed == window
         else:  # a 1-frame ramp reaches one frame past each boundary inside the clip
             assert window <= changed and len(changed - window) <= 1
+
+
+def test_relay_mode_is_soft_and_narrows_to_routed(comfy, model):
+    ctx, neg, noise = _inputs()
+    routed = _sample(comfy, comfy.node.apply_phase_control(model, "routed"), _phased(ctx), [[neg, {}]], noise)
+    relay = comfy.node.apply_phase_control(model, "relay", relay_width=1.0)
+    base = _sample(comfy, relay, _phased(ctx), [[neg, {}]], noise)
+    assert (base - routed).abs().max() > 1e-4
+    other = ctx.clone()
+    other[:, BLOCK_IDS == 2] += 0.5
+    changed = (_sample(comfy, relay, _phased(other), [[neg, {}]], noise) - base).abs().amax(dim=(0, 1, 3, 4))
+    inside = sorted(_window_frames(2))
+    assert inside == [5, 6, 7, 8]
+    assert bool((changed > 0).all())  # soft: every frame feels phase 2's tokens
+    assert changed[:3].max() < 0.2 * changed[inside].min()  # 3+ latent frames away: logits down by 4.5 or more
+    narrow = comfy.node.apply_phase_control(model, "relay", relay_width=0.05)
+    torch.testing.assert_close(_sample(comfy, narrow, _phased(ctx), [[neg, {}]], noise), routed, rtol=1e-4, atol=1e-4)
 
 
 def test_the_unconditional_pass_is_untouched(comfy, model):
