@@ -153,19 +153,23 @@ class _CoreTokenizer:
     pad_token_id = 0
 
     def __init__(self, clip: Any):
-        sd_tokenizer = getattr(getattr(clip, "tokenizer", None), "umt5xxl", None)
+        tokenizer = getattr(clip, "tokenizer", None)
+        name = getattr(tokenizer, "clip_name", None)
+        sd_tokenizer = getattr(tokenizer, getattr(tokenizer, "clip", ""), None) if name == "umt5xxl" else None
         sp = getattr(getattr(sd_tokenizer, "tokenizer", None), "tokenizer", None)
-        if sp is None:
+        if sp is None or not hasattr(sp, "encode"):
             raise ActAvatarError("This CLIP is not Wan's umT5 text encoder.",
                                  "Load umt5_xxl (fp16 or fp8_scaled) with CLIPLoader, type 'wan'.")
+        self.name = name
         self.sp = sp
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": list(self.sp.encode(text, add_bos=False, add_eos=False))}
 
 
-def _encode_ids(clip: Any, input_ids: torch.Tensor) -> list:
-    tokens = {"umt5xxl": [[(int(t), 1.0) for t in input_ids.reshape(-1).tolist()]]}
+def _encode_ids(clip: Any, tokenizer: _CoreTokenizer, input_ids: torch.Tensor) -> list:
+    """Core's CLIP encode of exact token ids (weight 1 each), as CLIPTextEncode encodes its own tokens."""
+    tokens = {tokenizer.name: [[(int(t), 1.0) for t in input_ids.reshape(-1).tolist()]]}
     return clip.encode_from_tokens_scheduled(tokens)
 
 
@@ -173,9 +177,10 @@ def encode_phase_prompt(clip: Any, phase_prompt: Any, negative: str = "") -> tup
     """(positive, negative) CONDITIONING: the phase script's blocks encoded as one prompt with exact token spans
     (base, phase 1..n, end, padding), and the negative prompt. The positive carries :class:`PhaseSpans`."""
     script, fps = phase_prompt.script, float(phase_prompt.fps)
-    tokens = tokenize_script(_CoreTokenizer(clip), script, TEXT_LEN)
+    tokenizer = _CoreTokenizer(clip)
+    tokens = tokenize_script(tokenizer, script, TEXT_LEN)
     positive = []
-    for cond, extra in _encode_ids(clip, tokens.input_ids):
+    for cond, extra in _encode_ids(clip, tokenizer, tokens.input_ids):
         length = cond.shape[1]
         ids = tokens.block_ids.reshape(-1)
         if length < ids.numel():
@@ -187,7 +192,7 @@ def encode_phase_prompt(clip: Any, phase_prompt: Any, negative: str = "") -> tup
             ids = torch.cat([ids, ids.new_zeros(length - ids.numel())])
         positive.append([cond, {**extra, engine.PHASE_SPANS_KEY: engine.PhaseSpans(script, fps, ids.clone())}])
     neg_text = negative.strip() or script.negative or DEFAULT_NEGATIVE
-    negative_cond = [[c, dict(e)] for c, e in _encode_ids(clip, tokenize_plain(_CoreTokenizer(clip), neg_text).input_ids)]
+    negative_cond = [[c, dict(e)] for c, e in _encode_ids(clip, tokenizer, tokenize_plain(tokenizer, neg_text).input_ids)]
     return positive, negative_cond
 
 

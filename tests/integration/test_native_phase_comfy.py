@@ -283,3 +283,95 @@ def test_i2v_image_branch_is_kept_and_text_is_routed(comfy, i2v_model):
     changed = _sample(comfy, patched, [[ctx, {"clip_vision_output": other_vision, N.PHASE_SPANS_KEY: SPANS}]],
                       negative, noise)
     assert _changed_frames(base, changed) == set(range(FRAMES))
+
+
+# ================================================================================================ text encoding
+@pytest.fixture(scope="module")
+def tiny_clip(comfy, tmp_path_factory):
+    """Core's CLIP object (comfy.sd.CLIP) with Wan's tokenizer class and a tiny umT5 (4096 wide, as Wan reads it)
+    built from ComfyUI's T5 class through the config hook of SDClipModel; weights from a tiny umt5 file."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.t5
+    import comfy.text_encoders.wan as wan_te
+    import comfy.utils
+
+    w = cc.write_comfy_umt5(tmp_path_factory.mktemp("te") / "umt5_xxl_fp16.safetensors", dtype=torch.float32,
+                            d_model=4096, num_layers=1)
+    c = w.config
+    config = dict(d_ff=c["d_ff"], d_kv=c["d_kv"], d_model=c["d_model"], num_heads=c["num_heads"],
+                  num_layers=c["num_layers"], vocab_size=c["vocab_size"], dense_act_fn="gelu_pytorch_tanh",
+                  is_gated_act=True, model_type="umt5", layer_norm_epsilon=1e-6, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128)
+
+    class TinyUMT5(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=config,
+                             dtype=dtype, special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                             enable_attention_masks=True, zero_out_masked=True, model_options=model_options)
+
+    class TinyWanTE(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, name="umt5xxl",
+                             clip_model=TinyUMT5)
+
+    sd = comfy.utils.load_torch_file(str(w.path))
+    spm = sd.pop("spiece_model")
+    target = types.SimpleNamespace(clip=TinyWanTE, tokenizer=wan_te.WanT5Tokenizer, params={})
+    clip = comfy.sd.CLIP(target=target, tokenizer_data={"spiece_model": spm}, model_options={"dtype": torch.float32})
+    missing, unexpected = clip.load_sd(sd)
+    assert not unexpected
+    return types.SimpleNamespace(clip=clip, file=w.path)
+
+
+def test_phase_text_encode_keeps_exact_block_spans_and_matches_the_engine_encoder(comfy, tiny_clip):
+    from actavatar_core import loading as L
+    from actavatar_core.text import encode_script, phase_block_text
+
+    script = PhaseScript.from_compact("A man talks to the camera | 0-1s: raises his left hand | 1-2s: points down")
+    prompt = types.SimpleNamespace(script=script, fps=FPS)
+    positive, negative = comfy.node.encode_phase_prompt(tiny_clip.clip, prompt)
+    (cond, extra), = positive
+    spans = extra[N.PHASE_SPANS_KEY]
+    assert cond.shape[1] == spans.block_ids.numel() == 512
+    # each phase's span holds exactly the tokens of its own block text
+    sp = tiny_clip.clip.tokenizer.clip_umt5xxl.tokenizer.tokenizer
+    ids = [t for t, _ in tiny_clip.clip.tokenize("x")["umt5xxl"][0]]  # core's own tokenizer runs on this CLIP
+    assert ids[-1] == 0 and 1 in ids
+    for k, phase in enumerate(script.phases, start=1):
+        first, end = spans.token_spans()[k - 1]
+        assert end - first == len(sp.encode(phase_block_text(k, phase), add_bos=False, add_eos=False))
+    # the same tokens through the engine's own umT5 (transformers) give the same hidden states
+    ours, tok = L.load_umt5(tiny_clip.file, dtype=torch.float32)
+    ref = encode_script(ours, tok, script, dtype=torch.float32)
+    assert torch.equal(ref.block_ids.reshape(-1), spans.block_ids)
+    torch.testing.assert_close(cond[0, : ref.length].float(), ref.embeds[0, : ref.length], rtol=1e-4, atol=1e-4)
+    assert cond[0, ref.length:].abs().max() == 0  # zero past the prompt, as Wan reads it
+    (neg_cond, neg_extra), = negative
+    assert N.PHASE_SPANS_KEY not in neg_extra and neg_cond.shape == cond.shape
+
+
+def test_encoded_phase_conditioning_drives_phase_control_through_core_sampling(comfy, tiny_clip, model):
+    script = PhaseScript.from_compact("A man talks | 0-1s: raises his left hand | 1-2s: points down")
+    positive, negative = comfy.node.encode_phase_prompt(tiny_clip.clip, types.SimpleNamespace(script=script, fps=FPS))
+    noise = _inputs()[2]
+    plain = _sample(comfy, model, positive, negative, noise)  # core's sampler takes it as a normal conditioning
+    routed = _sample(comfy, comfy.node.apply_phase_control(model, "routed"), positive, negative, noise)
+    assert plain.shape == routed.shape and not torch.equal(plain, routed)
+    # one phase over the whole clip, encoded the same way: the patched model is the plain one, bit for bit
+    whole = PhaseScript.from_compact("A man talks | 0-2.06s: raises his left hand")
+    positive, negative = comfy.node.encode_phase_prompt(tiny_clip.clip, types.SimpleNamespace(script=whole, fps=FPS))
+    assert positive[0][1][N.PHASE_SPANS_KEY].num_phases == 1
+    assert torch.equal(_sample(comfy, comfy.node.apply_phase_control(model, "routed"), positive, negative, noise),
+                       _sample(comfy, model, positive, negative, noise))
+
+
+def test_phase_text_encode_refuses_bad_input(comfy, tiny_clip):
+    long_text = "waves the left hand high above the head and then slowly lowers it down again " * 3
+    script = PhaseScript.from_json({"version": 1, "base": "A man talks",
+                                    "phases": [{"start": i * 0.25, "end": (i + 1) * 0.25, "text": long_text[:290]}
+                                               for i in range(8)]})
+    with pytest.raises(PhaseScriptError, match="tokens long.*Fix:"):
+        comfy.node.encode_phase_prompt(tiny_clip.clip, types.SimpleNamespace(script=script, fps=FPS))
+    with pytest.raises(ActAvatarError, match="not Wan's umT5.*CLIPLoader"):
+        comfy.node.encode_phase_prompt(types.SimpleNamespace(tokenizer=None),
+                                       types.SimpleNamespace(script=SCRIPT, fps=FPS))
