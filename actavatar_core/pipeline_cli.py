@@ -28,6 +28,7 @@ STEPS_RANGE = (1, 1000)
 CFG_RANGE = (0.0, 30.0)
 SHIFT_RANGE = (0.01, 100.0)
 FEATHER_RANGE = (0.0, 8.0)
+RELAY_WIDTH_RANGE = (0.05, 64.0)
 FPS_RANGE = (1.0, 120.0)
 SEED_RANGE = (0, 2**64 - 1)
 #: A phase script file larger than this is not a phase script.
@@ -79,7 +80,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--height", type=_whole, default=None, help="multiple of 32")
     p.add_argument("--frames", type=_whole, default=None,
                    help="frame count 4k+1 (default: follow the audio); longer audio is trimmed to the clip")
-    p.add_argument("--paca-mode", choices=["global", "learned", "routed"], default=None)
+    p.add_argument("--paca-mode", choices=["global", "learned", "routed", "relay"], default=None)
+    p.add_argument("--relay-width", type=_number, default=None,
+                   help="relay mode: width of the soft routing's penalty, in latent frames (default: the model's, else 2)")
     p.add_argument("--feather", type=_number, default=0.0, help="routed mode: latent frames of soft blend at phase boundaries")
     p.add_argument("--text-cfg", type=_number, default=None)
     p.add_argument("--audio-cfg", type=_number, default=None)
@@ -279,6 +282,7 @@ def check_inputs(command: str, args: argparse.Namespace) -> CheckedInputs:
         _in_range(f"--{name.replace('_', '-')}", getattr(args, name), *CFG_RANGE)
     _in_range("--shift", args.shift, *SHIFT_RANGE)
     _in_range("--feather", args.feather, *FEATHER_RANGE)
+    _in_range("--relay-width", args.relay_width, *RELAY_WIDTH_RANGE)
     _in_range("--fps", args.fps, *FPS_RANGE)
     for name in ("width", "height", "frames"):
         value = getattr(args, name)
@@ -362,6 +366,7 @@ def _run(command: str, args: argparse.Namespace, inputs: CheckedInputs) -> int:
         steps=pick(args.steps, "steps", 40), text_cfg=pick(args.text_cfg, "text_cfg", 5.0),
         audio_cfg=pick(args.audio_cfg, "audio_cfg", 5.0), shift=pick(args.shift, "shift", 5.0), sampler=args.sampler,
         seed=args.seed, paca_mode=pick(args.paca_mode, "paca_mode", "learned"), feather=args.feather,
+        relay_width=float(pick(args.relay_width, "relay_width", 2.0)),
         phase_cfg=pick(args.phase_cfg, "phase_cfg", 0.0))
     request = GenerationRequest(image=inputs.image, audio=inputs.audio, phases=inputs.phases, width=inputs.width,
                                 height=inputs.height, fps=inputs.fps, num_frames=inputs.num_frames,

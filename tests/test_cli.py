@@ -148,6 +148,8 @@ BAD = [
     ("--paca-mode", "spotlight", "invalid choice"),
     ("--feather", "-1", "outside 0..8"),
     ("--feather", "inf", "not a finite number"),
+    ("--relay-width", "0", "outside 0.05..64"),
+    ("--relay-width", "nan", "not a finite number"),
     ("--text-cfg", "-1", "outside 0..30"),
     ("--audio-cfg", "31", "outside 0..30"),
     ("--phase-cfg", "-0.5", "outside 0..30"),

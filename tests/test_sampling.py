@@ -216,3 +216,15 @@ def test_mode_specs_of_the_method_bench():
     for bad in ("masked", "relay=0", "relay=wide", "feather=-1", "learned=2", "relay="):
         with pytest.raises(ActAvatarError, match="Fix:"):
             mode_options(bad)
+
+
+def test_the_cli_offers_every_paca_mode_and_a_relay_width():
+    from actavatar_core.attention import PACA_MODES
+    from actavatar_core.pipeline_cli import _parser
+
+    p = _parser("generate")
+    modes = next(a.choices for a in p._actions if a.dest == "paca_mode")
+    assert list(modes) == list(PACA_MODES)
+    args = p.parse_args(["--image", "i", "--audio", "a", "--phases", "p", "--out", "o", "--paca-mode", "relay",
+                         "--relay-width", "1.5"])
+    assert (args.paca_mode, args.relay_width) == ("relay", 1.5)
