@@ -116,9 +116,10 @@ def check_model_folder(folder: "str | os.PathLike[str]") -> dict[str, Any]:
                 raise WeightsError(f"The model folder '{folder}' has no {part}/ folder.",
                                    "Copy the whole model folder (transformer, vae, text_encoder, tokenizer, "
                                    "audio_encoder and actavatar.safetensors).")
-            listed = weight_files(sub)  # the files a loader would pick (an index's shards, else the weights)
-            weights += listed + [p for p in sorted(sub.iterdir()) if p.suffix.lower() in _WEIGHT_SUFFIXES
-                                 and p not in listed]
+            present = sorted(p for p in sub.iterdir() if p.suffix.lower() in _WEIGHT_SUFFIXES)
+            for path in present:
+                check_weights_file(path)  # part by part, so the first unsafe file is named, not a later gap
+            weights += [p for p in weight_files(sub) if p not in present]  # shards an index lists elsewhere
         weights.append(folder / "actavatar.safetensors")
     for path in weights:
         check_weights_file(path)
@@ -223,10 +224,22 @@ def _keep_fp32(cls: type, dtype: torch.dtype, library: str) -> Callable[[str], b
     return lambda name: any(m in name.split(".") for m in modules)
 
 
-def _on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Build a model without allocating its weights (they are assigned from the file afterwards)."""
-    with torch.device("meta"):
-        return factory()
+def _on_meta(factory: Callable[[], torch.nn.Module], name: str = "the file") -> torch.nn.Module:
+    """Build a model without allocating its weights (they are assigned from the file afterwards). A config that
+    cannot build one (a damaged config.json, odd metadata) is a WeightsError, not the library's traceback."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except WeightsError:
+        raise
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError) as exc:
+        raise _bad_config(name, exc) from None
+
+
+def _bad_config(name: str, exc: BaseException) -> WeightsError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return WeightsError(f"The config of '{name}' does not describe a model that can be built ({text[:200]}).",
+                        "Re-download the model folder (its config.json), or use the original single file.")
 
 
 def _short_list(items: Iterable[str], n: int = 5) -> str:
@@ -411,15 +424,18 @@ def load_wan_transformer(path: "str | os.PathLike[str]", *, dtype: torch.dtype |
         if cfg["num_attention_heads"] * cfg["attention_head_dim"] != dim:
             raise WeightsError(f"'{name}' has width {dim}, but the config says {cfg['num_attention_heads']} heads x "
                                f"{cfg['attention_head_dim']}.", "Fix the config (heads x head size must equal the width).")
-        cfg["patch_size"] = tuple(cfg["patch_size"])
+        try:
+            cfg["patch_size"] = tuple(cfg["patch_size"])
+        except TypeError as exc:
+            raise _bad_config(name, exc) from None
         target = _dtype_policy(dtype, info.dtype)
         init_keys = _diffusers_init_keys(cls)
-        model = _on_meta(lambda: cls(**{k: v for k, v in cfg.items() if k in init_keys}))
+        model = _on_meta(lambda: cls(**{k: v for k, v in cfg.items() if k in init_keys}), name)
         if cls is WanTransformer3DModel:
             required = None
         else:
             base_cfg = {k: v for k, v in cfg.items() if k in _diffusers_init_keys(WanTransformer3DModel)}
-            required = set(_on_meta(lambda: WanTransformer3DModel(**base_cfg)).state_dict().keys())
+            required = set(_on_meta(lambda: WanTransformer3DModel(**base_cfg), name).state_dict().keys())
         renames = wt.rename_map(src.keys(), layout, prefix)
         keep = _keep_fp32(cls, target, "diffusers")
         _stream_into(model, src, renames, dtype=target, device=device, keep_fp32=keep, name=name, required=required,
@@ -484,7 +500,7 @@ def load_wan_vae(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = 
         cfg.update({k: v for k, v in (config or {}).items() if not k.startswith("_")})
         target = _dtype_policy(dtype, info.dtype)
         init_keys = _diffusers_init_keys(AutoencoderKLWan)
-        model = _on_meta(lambda: AutoencoderKLWan(**{k: v for k, v in cfg.items() if k in init_keys}))
+        model = _on_meta(lambda: AutoencoderKLWan(**{k: v for k, v in cfg.items() if k in init_keys}), name)
         keep = _keep_fp32(AutoencoderKLWan, target, "diffusers")
         _stream_into(model, src, renames, dtype=target, device=device, keep_fp32=keep, name=name)
     _check_no_meta(model, "the VAE")
@@ -552,8 +568,7 @@ def load_umt5(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None = Non
         cfg.pop("model_type", None)
         target = _dtype_policy(dtype, info.dtype)
         tok = _resolve_tokenizer(tokenizer, src, prefix, path, folder, name, vocab_size=int(cfg["vocab_size"]))
-        ucfg = UMT5Config(**cfg)
-        model = _on_meta(lambda: UMT5EncoderModel(ucfg))
+        model = _on_meta(lambda: UMT5EncoderModel(UMT5Config(**cfg)), name)
         keep = _keep_fp32(UMT5EncoderModel, target, "transformers")
         _stream_into(model, src, renames, dtype=target, device=device, keep_fp32=keep, name=name,
                      optional={"encoder.embed_tokens.weight"})
@@ -706,8 +721,8 @@ def load_wav2vec2(path: "str | os.PathLike[str]", *, dtype: torch.dtype | None =
             do_normalize = bool(cfg.get("do_stable_layer_norm", cfg.get("feat_extract_norm") == "layer"))
         cfg.pop("model_type", None)
         target = _dtype_policy(dtype, info.dtype)
-        wcfg = Wav2Vec2Config(**cfg)
-        model = _on_meta(lambda: Wav2Vec2Model(wcfg))
+        wcfg = _on_meta(lambda: Wav2Vec2Config(**cfg), name)
+        model = _on_meta(lambda: Wav2Vec2Model(wcfg), name)
         keep = _keep_fp32(Wav2Vec2Model, target, "transformers")
         missing_optional = _stream_into(model, src, renames, dtype=target, device=device, keep_fp32=keep, name=name,
                                         optional=w2v_conv.OPTIONAL_KEYS, derived=derived)

@@ -428,9 +428,17 @@ def read_actavatar_weights(path: "str | os.PathLike") -> tuple[dict[str, torch.T
             f"'{path.name}' is not an ActAvatar weights file (its metadata has no format=actavatar).",
             "Pick an ActAvatar weights file (models/actavatar/), or leave the ActAvatar weights input empty.",
         )
-    parsed = {"contents": meta.get("contents", "adapter"), "actavatar_config": json.loads(meta.get("actavatar_config", "{}")),
-              "base_config": json.loads(meta.get("base_config", "{}")), "lora": json.loads(meta.get("lora", "{}") or "{}"),
-              "raw": meta}
+    try:
+        parsed = {"contents": meta.get("contents", "adapter"), "actavatar_config": json.loads(meta.get("actavatar_config", "{}")),
+                  "base_config": json.loads(meta.get("base_config", "{}")), "lora": json.loads(meta.get("lora", "{}") or "{}"),
+                  "raw": meta}
+        bad = [k for k in ("actavatar_config", "base_config", "lora") if not isinstance(parsed[k], dict)]
+        bad += [k for k in parsed["actavatar_config"] if k not in ADAPTER_CONFIG_KEYS]
+        if bad or parsed["contents"] not in ("adapter", "full"):
+            raise ValueError(f"unexpected {', '.join(bad) or 'contents'}")
+    except ValueError as exc:
+        raise WeightsError(f"'{path.name}' has damaged ActAvatar metadata ({exc}).",
+                           "Re-export the weights with ActAvatar, or re-download them.") from None
     return tensors, parsed
 
 

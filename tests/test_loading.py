@@ -742,3 +742,120 @@ def test_recorded_wav2vec2_heads_and_do_normalize_are_read_back(files, tmp_path)
     path = _resave(tmp_path / "w2v_bad.safetensors", w.stored, do_normalize="maybe")
     with pytest.raises(WeightsError, match="do_normalize=maybe"):
         L.load_wav2vec2(path)
+
+
+# ================================================================================================ unloadable files
+_LOADERS = {"transformer": L.load_wan_transformer, "vae": L.load_wan_vae, "umt5": L.load_umt5,
+            "wav2vec2": L.load_wav2vec2}
+
+
+def _bad_file(kind: str, path) -> None:
+    """A weights file that must never reach a library loader: a pickle with code, a truncated safetensors file,
+    something that is not weights at all, a torch file holding no dict of tensors, a safetensors file whose
+    header is not JSON."""
+    from safetensors.torch import save_file
+
+    if kind == "pickle":
+        torch.save({"weight": torch.ones(2), "hook": os.getcwd}, path)
+    elif kind == "truncated":
+        save_file({"weight": torch.ones(256)}, str(path))
+        path.write_bytes(path.read_bytes()[:-100])
+    elif kind == "png":
+        from PIL import Image
+
+        Image.new("RGB", (4, 4)).save(path, format="PNG")
+    elif kind == "list":
+        torch.save([torch.ones(2)], path)
+    elif kind == "header":
+        path.write_bytes((12).to_bytes(8, "little") + b"not a header")
+    else:
+        raise AssertionError(kind)
+
+
+_BAD = [("pickle", ".bin", "pickled"), ("pickle", ".pt", "pickled"), ("truncated", ".safetensors", "safetensors"),
+        ("png", ".safetensors", "safetensors"), ("png", ".ckpt", "torch tensors file"), ("list", ".pth", "not a dict"),
+        ("header", ".safetensors", "safetensors")]
+
+
+@pytest.mark.parametrize("loader", sorted(_LOADERS))
+@pytest.mark.parametrize("kind, suffix, words", _BAD)
+@pytest.mark.parametrize("layout", ["single file", "folder", "pipeline root"])
+def test_unloadable_files_are_refused_in_every_layout(tmp_path, loader, kind, suffix, words, layout):
+    """ComfyUI single files, diffusers/HF model folders (config.json + weights) and pipeline roots: a pickled,
+    truncated or foreign file is a WeightsError with the reason and a fix, never a library's traceback."""
+    sub = {"transformer": "transformer", "vae": "vae", "umt5": "text_encoder", "wav2vec2": "audio_encoder"}[loader]
+    if layout == "single file":
+        target = path = tmp_path / f"model{suffix}"
+    else:
+        folder = tmp_path / sub if layout == "pipeline root" else tmp_path / "model"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        target = folder / f"diffusion_pytorch_model{suffix}"
+        path = tmp_path if layout == "pipeline root" else folder
+    _bad_file(kind, target)
+    with pytest.raises(WeightsError, match=words) as err:
+        _LOADERS[loader](path)
+    assert err.value.fix and "Fix:" in str(err.value)
+
+
+def test_check_model_folder_refuses_unsafe_files_in_both_layouts(tmp_path):
+    from actavatar_core.bundle import load_model_folder  # noqa: F401 - the loader the CLI runs after the check
+
+    diffusers = tmp_path / "diffusers_layout"
+    for part in L.MODEL_FOLDER_PARTS:
+        (diffusers / part).mkdir(parents=True)
+        (diffusers / part / "config.json").write_text("{}")
+    (diffusers / "actavatar_model.json").write_text(json.dumps({"format": "actavatar-model", "version": 1}))
+    _bad_file("pickle", diffusers / "transformer" / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsError, match="pickled"):
+        L.check_model_folder(diffusers)
+    single = tmp_path / "single_files"
+    (single / "comfyui" / "vae").mkdir(parents=True)
+    (single / "actavatar_model.json").write_text(json.dumps({"layout": "comfyui-files", "files": "comfyui"}))
+    _bad_file("truncated", single / "comfyui" / "vae" / "v.safetensors")
+    with pytest.raises(WeightsError, match="safetensors"):
+        L.check_model_folder(single)
+    (single / "actavatar_model.json").write_text("[1, 2")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        L.check_model_folder(single)
+    (single / "comfyui" / "vae" / "v.safetensors").unlink()
+    (single / "comfyui" / "vae" / "v.pkl").write_bytes(b"\x80\x04N.")
+    (single / "actavatar_model.json").write_text(json.dumps({"layout": "comfyui-files", "files": "comfyui"}))
+    with pytest.raises(WeightsError, match="pickle"):
+        L.check_model_folder(single)
+    from actavatar_core.defaults import MINI_MODEL_DIR, mini_model_available
+
+    if mini_model_available():  # the shipped model passes
+        assert L.check_model_folder(MINI_MODEL_DIR)["layout"] == "comfyui-files"
+
+
+@pytest.mark.parametrize("kind, suffix, words", _BAD + [("damaged metadata", ".safetensors", "damaged")])
+def test_unloadable_actavatar_weights_are_refused(tmp_path, kind, suffix, words):
+    from safetensors.torch import save_file
+
+    from actavatar_core.model import read_actavatar_weights
+
+    path = tmp_path / f"actavatar{suffix}"
+    if kind == "damaged metadata":
+        save_file({"w": torch.ones(2)}, str(path), metadata={"format": "actavatar", "actavatar_config": "{not json"})
+        words = "damaged"
+    else:
+        _bad_file(kind, path)
+        words = "safetensors"  # anything but a readable .safetensors file is refused as such
+    with pytest.raises(WeightsError, match=words) as err:
+        read_actavatar_weights(path)
+    assert err.value.fix
+
+
+@pytest.mark.parametrize("change", [None, {"num_layers": "many"}, {"patch_size": 7}, {"rope_max_seq_len": -1}])
+def test_a_damaged_folder_config_is_a_weights_error(files, tmp_path, change):
+    import shutil
+
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    shutil.copy(files["tr"].path, folder / "model.safetensors")
+    config = {**files["tr"].config, **(change or {})}
+    (folder / "config.json").write_text("[1, 2]" if change is None else json.dumps(config))
+    with pytest.raises(WeightsError, match="holds a JSON list" if change is None else "can be built") as err:
+        L.load_wan_transformer(folder)
+    assert err.value.fix

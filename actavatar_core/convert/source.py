@@ -146,6 +146,15 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
         return torch.load(str(file), map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
+        with open(file, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise WeightsError(f"'{file.name}' cannot be read ({exc.strerror or exc}).", "Check the file's permissions.") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (or, long ago, a pickle)
+        raise WeightsError(f"'{file.name}' could not be read as a torch tensors file (it is neither a zip archive "
+                           f"nor a pickle stream; it starts with {head!r}).",
+                           "Re-download the file, or use its .safetensors release.")
+    try:
         try:
             obj = _load(True)
         except (RuntimeError, ValueError) as exc:
@@ -155,13 +164,22 @@ def load_torch_file(file: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise WeightsError(
             f"'{file.name}' contains pickled Python objects or code, which ActAvatar never loads "
-            f"(torch.load(weights_only=True) refused it: {_short(exc, 160)}).",
+            f"(torch.load(weights_only=True) refused it: {_pickle_reason(exc)}).",
             "Use the .safetensors release of this model, or convert the file to safetensors in a trusted environment.",
         ) from None
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"'{file.name}' could not be read as a torch tensors file ({_short(exc)}).",
                            "Re-download the file, or use its .safetensors release.") from None
     return _unwrap(obj, file.name)
+
+
+def _pickle_reason(exc: BaseException) -> str:
+    """The line of torch's refusal that names what the pickle wanted (torch's own advice, to retry with
+    ``weights_only=False``, is exactly what must not be done, so it is left out)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "global" in ln or "Unsupported" in ln]
+    reason = (named or [ln for ln in lines if "weights_only" not in ln] or ["not a plain tensors file"])[0]
+    return reason if len(reason) <= 160 else reason[:160] + "..."
 
 
 def _unwrap(obj: Any, name: str) -> dict[str, torch.Tensor]:
@@ -201,20 +219,13 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model folder (config, index); anything else is a damaged folder."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"'{path}' is not valid JSON ({_short(exc)}).", "Re-download the model folder.") from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"'{path}' holds a JSON {type(value).__name__}, not an object.", "Re-download the model folder.")
+    return value
 
 
-def common_prefix_before(keys: Iterable[str], suffix: str) -> str | None:
-    """The shortest prefix P such that P + suffix is a key (e.g. 'model.diffusion_model.'), or None."""
-    best: str | None = None
-    for k in keys:
-        if k.endswith(suffix):
-            p = k[: len(k) - len(suffix)]
-            if p and not p.endswith("."):
-                continue
-            if best is None or len(p) < len(best):
-                best = p
-    return best
