@@ -9,7 +9,7 @@ against the clip before the first step; DIFFUSION_MODEL plans each model call (l
 conditional, the context window's absolute frames). Removing the node removes the patches; InfiniteTalk's
 ``attn2_patch``, LoRAs and torch.compile's APPLY_MODEL wrapper compose with it.
 
-This module imports ComfyUI; it is loaded only inside ComfyUI (or by tests that import ComfyUI).
+At import this module needs only ``comfy_api``; ComfyUI's model code is imported when a node runs.
 """
 
 from __future__ import annotations
@@ -20,14 +20,19 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-import comfy.ldm.wan.model as wan
-import comfy.patcher_extension as pe
 from actavatar_core import native_phase as engine
 from actavatar_core.errors import ActAvatarError, PhaseScriptError
 from actavatar_core.text import DEFAULT_NEGATIVE, TEXT_LEN, tokenize_plain, tokenize_script
 
 WRAPPER_KEY = "actavatar_phase_control"
 PhasePrompt = io.Custom("PHASE_PROMPT")
+
+
+def _wan():
+    """ComfyUI's Wan model module (imported when a node runs, never at pack import)."""
+    import comfy.ldm.wan.model as wan
+
+    return wan
 
 
 # ================================================================================================ the patch
@@ -40,7 +45,7 @@ class PhasedCrossAttention:
     def __init__(self, module: torch.nn.Module, previous: Any):
         self.module = module
         self.previous = previous
-        self.image_branch = isinstance(module, wan.WanI2VCrossAttention)
+        self.image_branch = isinstance(module, _wan().WanI2VCrossAttention)
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor, context_img_len: int | None = None,
                  transformer_options: dict | None = None, **kwargs: Any) -> torch.Tensor:
@@ -51,6 +56,7 @@ class PhasedCrossAttention:
                 return self.previous(x, context, context_img_len, transformer_options=options, **kwargs)
             return self.previous(x, context, transformer_options=options, context_img_len=context_img_len, **kwargs)
         m = self.module
+        wan = _wan()
         if self.image_branch:
             context_img, context = context[:, :context_img_len], context[:, context_img_len:]
         q = m.norm_q(m.q(x))
@@ -122,6 +128,9 @@ class PlanCallWrapper:
 
 def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0, relay_width: float = 2.0) -> Any:
     """A clone of ``model`` (a ComfyUI ModelPatcher of a native Wan model) with phase control on every block."""
+    import comfy.patcher_extension as pe
+
+    wan = _wan()
     settings = engine.PhaseControlSettings(mode, feather, relay_width)
     dm = model.get_model_object("diffusion_model")
     if not isinstance(dm, wan.WanModel) or not hasattr(dm, "blocks"):
@@ -198,6 +207,8 @@ def encode_phase_prompt(clip: Any, phase_prompt: Any, negative: str = "") -> tup
 
 # ================================================================================================ nodes
 class ActAvatarPhaseControl(io.ComfyNode):
+    REQUIRES = ("diffusers",)  # the engine's routed attention runs through diffusers' attention dispatcher
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -120,6 +120,8 @@ EXPECTED = {
     "ActAvatarSampler": ("ActAvatar", ("LATENT", "FLOAT", "AUDIO")),
     "ActAvatarDecode": ("ActAvatar", ("IMAGE",)),
     "ActAvatarSaveVideo": ("ActAvatar", ("VIDEO",)),
+    "ActAvatarPhaseTextEncode": ("ActAvatar/native", ("CONDITIONING", "CONDITIONING")),
+    "ActAvatarPhaseControl": ("ActAvatar/native", ("MODEL",)),
 }
 
 
