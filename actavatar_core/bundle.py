@@ -369,11 +369,9 @@ def load_model_folder(folder: "str | os.PathLike", *, device: Any = "cpu", dtype
     from .model import build_from_weights
 
     folder = Path(folder)
-    index_path = folder / MODEL_INDEX
-    if not index_path.is_file():
-        raise WeightsError(f"'{folder}' is not an ActAvatar model folder (no {MODEL_INDEX}).",
-                           "Point --model-dir at a folder written by ActAvatar (e.g. the bundled mini model).")
-    index = json.loads(index_path.read_text())
+    from .loading import check_model_folder
+
+    index = check_model_folder(folder)  # every weights file safe to open (a pickled .bin is refused, with why)
     if index.get("layout") == "comfyui-files":  # the five single files ComfyUI users keep (the bundled mini model)
         models = load_comfyui_files(folder / index.get("files", "comfyui"), name=index["name"], dtype=dtype, device=device)
         models.info.update(index.get("info", {}))
