@@ -49,7 +49,7 @@ CORE = {
     "LoadImage": (["image", None], ["IMAGE", "MASK"]),
     "LoadAudio": (["audio", None, None], ["AUDIO"]),
     "CreateVideo": (["fps", "bit_depth"], ["VIDEO"]),
-    "SaveVideo": (["filename_prefix", "format", "codec"], []),
+    "SaveVideo": (["filename_prefix", "format", "format.codec", "codec"], []),  # format.codec: format's option input
 }
 
 

@@ -1,6 +1,6 @@
 """Writes the shared workflows in both formats from one description of each graph.
 
-    python workflows/build_workflows.py          # rewrite workflows/*.json and workflows/api/*.json
+    COMFYUI_DIR=/path/to/ComfyUI .venv/bin/python workflows/build_workflows.py   # rewrite workflows/*.json and api/
 
 * UI format (``workflows/<name>.json``): what users drag into ComfyUI (and what ComfyUI's template browser lists);
   nodes with positional ``widgets_values`` in the order of the node's widget inputs (a seed is followed by its
@@ -9,8 +9,9 @@
 * API format (``workflows/api/<name>.json``): what ``POST /prompt`` takes.
 
 Widget order of the ActAvatar nodes comes from their INPUT_TYPES; the few core nodes used are described below
-(ComfyUI v0.8.0). ``tests/test_workflows.py`` converts every UI file back to the API format independently and
-checks that both agree.
+(ComfyUI 0.33.0, the oldest version the pack is tested with). ``tests/test_workflows.py`` converts every UI file back
+to the API format independently and checks that both agree; the integration tests compare both with what a real
+ComfyUI and its frontend make of them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ if str(ROOT) not in sys.path:
 
 PACK_ID = "actavatar"  # registry id ([project] name): lets ComfyUI-Manager offer the pack for missing nodes
 PACK_VERSION = "0.1.0"
+COMFYUI_VERSION = "0.33.0"  # the ComfyUI and frontend the workflows are saved for (pyproject's requires-comfyui)
+FRONTEND_VERSION = "1.49.6"
 DEMO_IMAGE = "actavatar_demo_reference.png"
 DEMO_AUDIO = "actavatar_demo_speech.wav"
 DEMO_SCRIPT = {
@@ -59,10 +62,12 @@ CORE_NODES: dict[str, dict[str, Any]] = {
                   "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
     "LoadAudio": {"widgets": ["audio", None, None], "ui_only": [None, None], "inputs": [],
                   "outputs": [("AUDIO", "AUDIO")]},
-    "CreateVideo": {"widgets": ["fps"], "ui_only": [], "inputs": [("images", "IMAGE", False), ("audio", "AUDIO", True)],
+    "CreateVideo": {"widgets": ["fps", "bit_depth"], "ui_only": [], "inputs": [("images", "IMAGE", False), ("audio", "AUDIO", True)],
                     "outputs": [("VIDEO", "VIDEO")]},
-    "SaveVideo": {"widgets": ["filename_prefix", "format", "codec"], "ui_only": [], "inputs": [("video", "VIDEO", False)],
-                  "outputs": []},
+    # format is a dynamic combo: the frontend adds its chosen option's inputs ("format.codec") as widgets after it
+    # and sends them in the API prompt under those names; "codec" is the node's own (hidden) optional input.
+    "SaveVideo": {"widgets": ["filename_prefix", "format", "format.codec", "codec"], "ui_only": [],
+                  "inputs": [("video", "VIDEO", False)], "outputs": []},
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -166,14 +171,14 @@ def to_ui(nodes: list[Node], name: str) -> dict[str, Any]:
         ui_nodes.append({
             "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {}, "order": order[n.id],
             "mode": 0, "inputs": in_slots[n.id], "outputs": outputs, "title": n.title,
-            "properties": {"cnr_id": "comfy-core" if core else PACK_ID, "ver": "0.8.0" if core else PACK_VERSION,
+            "properties": {"cnr_id": "comfy-core" if core else PACK_ID, "ver": COMFYUI_VERSION if core else PACK_VERSION,
                            "Node name for S&R": n.type},
             "widgets_values": values,
         })
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"actavatar/{name}")), "revision": 0,
         "last_node_id": max(by_id), "last_link_id": link_id, "nodes": ui_nodes, "links": links, "groups": [],
-        "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": "1.35.9"},
+        "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": FRONTEND_VERSION},
         "version": 0.4,
     }
 
@@ -240,9 +245,10 @@ def timeline_graph() -> list[Node]:
 def core_video_graph() -> list[Node]:
     return base_graph() + [
         Node(12, "CreateVideo", "Create Video", (1720, 200), (300, 100),
-             {"fps": 25.0}, {"images": (11, 0), "audio": (10, 2), "fps": (10, 1)}),
+             {"fps": 25.0, "bit_depth": 8}, {"images": (11, 0), "audio": (10, 2), "fps": (10, 1)}),
         Node(13, "SaveVideo", "Save Video", (2060, 40), (420, 520),
-             {"filename_prefix": "video/ActAvatar", "format": "auto", "codec": "auto"}, {"video": (12, 0)}),
+             {"filename_prefix": "video/ActAvatar", "format": "auto", "format.codec": "auto", "codec": "auto"},
+             {"video": (12, 0)}),
     ]
 
 
@@ -258,9 +264,29 @@ def build() -> dict[str, tuple[dict, dict]]:
     return out
 
 
+def build_outside_comfyui() -> dict[str, tuple[dict, dict]]:
+    """build() from the command line: the nodes are built on ComfyUI's comfy_api (COMFYUI_DIR), and what a running
+    server provides beside it comes from the test doubles (tests/comfy_doubles.py), as in tests/test_workflows.py."""
+    import tempfile
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from comfy_doubles import install
+
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as scratch:
+        doubles = install(patch)
+        doubles.set_directory("output", Path(scratch) / "output")
+        doubles.set_directory("models", Path(scratch) / "models")
+        from nodes.model_folders import register_model_folders
+
+        register_model_folders()
+        return build()
+
+
 def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
-    for name, (ui, api) in build().items():
+    for name, (ui, api) in build_outside_comfyui().items():
         (HERE / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (HERE / "api" / f"{name}.json").write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
