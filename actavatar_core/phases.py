@@ -125,6 +125,12 @@ class PhaseScript:
             match = _COMPACT_PHASE.match(segment)
             if match:
                 start, end = float(match.group("start")), float(match.group("end"))
+                for raw, value in ((match.group("start"), start), (match.group("end"), end)):
+                    if not _finite(value):  # the JSON form's bound too, so the canonical JSON reads back
+                        raise PhaseScriptError(
+                            f"Segment {index + 1} ('{segment[:40]}') has a time of {raw} s, beyond {_MAX_SECONDS:g} s.",
+                            "Write phase times in seconds from the start of the clip, e.g. '0-2s: waves'.",
+                        )
                 phases.append(Phase(start, end, match.group("text").strip()))
                 continue
             if _LOOKS_TIMED.match(segment):
@@ -227,9 +233,9 @@ class PhaseScript:
         if fps <= 0 or not math.isfinite(fps):
             out.append(f"The frame rate {fps!r} is not a positive number. Fix: use e.g. 24 or 25 fps.")
         elif not out:
-            times = _grid_for(duration, fps, self.phases)
+            count = _grid_count(duration, fps, self.phases)
             for k, phase in enumerate(self.phases, start=1):
-                if not any(phase.start - _EPS <= t < phase.end - _EPS for t in times):
+                if not _holds_latent_frame(phase, count, fps):
                     step = VAE_TEMPORAL_STRIDE / fps
                     out.append(
                         f"Phase {k} ({phase.describe()}) is too short: no latent frame falls inside it at {_fmt(fps)} fps "
@@ -317,16 +323,32 @@ def _phase_from_json(index: int, raw: Any) -> Phase:
     for key in ("start", "end"):
         value = raw[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-            raise PhaseScriptError(f"{where} has {key} = {value!r}, which is not a finite number of seconds.", f"Write {key} as a number such as 2 or 2.5.")
-        values.append(float(value))
+            raise PhaseScriptError(f"{where} has {key} = {_shown(value)}, which is not a finite number of seconds.", f"Write {key} as a number such as 2 or 2.5.")
+        values.append(float(value) + 0.0)  # -0.0 is 0: JSON's "-0" and "-0.0" mean the same start
     if not isinstance(raw["text"], str):
         raise PhaseScriptError(f"{where} text is not a string.", "Describe the action as text.")
     return Phase(values[0], values[1], raw["text"])
 
 
+#: Phase times at or beyond this many seconds (about 32 years) are refused: no clip is that long, and the grid
+#: arithmetic stays exact below it.
+_MAX_SECONDS = 1e9
+
+
+def _shown(value: Any) -> str:
+    """A JSON value in a message: numbers as ``format(x, "g")`` (the JS mirror cannot tell 1e9 from 1000000000.0,
+    so the message must not either), anything else as its repr."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return repr(value)
+    try:
+        return f"{float(value):g}"
+    except OverflowError:  # an integer beyond a double, which a JS reader sees as Infinity
+        return "inf" if value > 0 else "-inf"
+
+
 def _finite(value: float) -> bool:
     try:
-        return math.isfinite(float(value)) and abs(float(value)) < 1e9
+        return math.isfinite(float(value)) and abs(float(value)) < _MAX_SECONDS
     except OverflowError:  # a 400-digit integer
         return False
 
@@ -335,10 +357,31 @@ def _ordered(phases: Iterable[Phase]) -> tuple[Phase, ...]:
     return tuple(sorted(phases, key=lambda p: (p.start, p.end)))
 
 
-def _grid_for(duration: float | None, fps: float, phases: Sequence[Phase]) -> list[float]:
+def _grid_count(duration: float | None, fps: float, phases: Sequence[Phase]) -> float:
+    """Latent frames of the clip (or of the longest phase when the clip length is not known yet); inf for an
+    endless clip. A number, not a list: a phase may end a billion seconds in."""
     horizon = duration if duration is not None else max((p.end for p in phases), default=0.0)
-    frames = frames_for_duration(max(horizon, 1.0 / fps), fps)
-    return latent_frame_times(latent_frame_count(frames), fps)
+    horizon = max(horizon, 1.0 / fps)
+    if not math.isfinite(horizon):
+        return math.inf if horizon > 0 else math.nan
+    return latent_frame_count(frames_for_duration(horizon, fps))
+
+
+def _holds_latent_frame(phase: Phase, count: float, fps: float) -> bool:
+    """Whether a latent frame time ``t`` of the grid (``latent_frame_times``) has ``start - eps <= t < end - eps``.
+    Walks only the few frames around the phase's start (the JS timeline does the same, step for step)."""
+    lo, hi = phase.start - _EPS, phase.end - _EPS
+    if count > 0 and lo <= 0 < hi:
+        return True
+    j = max(1, math.floor(((phase.start - 1) * fps + 1.5) / VAE_TEMPORAL_STRIDE) - 2)
+    while j < count:
+        t = (VAE_TEMPORAL_STRIDE * j - 1.5) / fps
+        if t >= hi:
+            return False
+        if lo <= t:
+            return True
+        j += 1
+    return False
 
 
 def _clean_number(value: float) -> float | int:

@@ -17,6 +17,8 @@ export const MAX_BASE_TEXT = 2000;
 export const VAE_TEMPORAL_STRIDE = 4;
 export const DEFAULT_FPS = 25.0;
 export const EPS = 1e-6;
+/** Phase times at or beyond this many seconds are refused (phases.py _MAX_SECONDS). */
+export const MAX_SECONDS = 1e9;
 
 // ------------------------------------------------------------------------------------------ errors
 export class PhaseScriptError extends Error {
@@ -275,13 +277,13 @@ function phaseFromJson(index, raw) {
   const values = [];
   for (const key of ["start", "end"]) {
     const value = raw[key];
-    if (typeof value !== "number" || !Number.isFinite(value)) {
+    if (typeof value !== "number" || !(Math.abs(value) < MAX_SECONDS)) {
       throw new PhaseScriptError(
-        `${where} has ${key} = ${pyRepr(value)}, which is not a finite number of seconds.`,
+        `${where} has ${key} = ${typeof value === "number" ? pyFormatG(value) : pyRepr(value)}, which is not a finite number of seconds.`,
         `Write ${key} as a number such as 2 or 2.5.`,
       );
     }
-    values.push(value);
+    values.push(value + 0); // -0 is 0, as in phases.py
   }
   if (typeof raw.text !== "string") {
     throw new PhaseScriptError(`${where} text is not a string.`, "Describe the action as text.");
@@ -371,6 +373,14 @@ export function fromCompact(text) {
     }
     const m = COMPACT_PHASE.exec(segment);
     if (m) {
+      for (const raw of [m.groups.start, m.groups.end]) {
+        if (!(Number(raw) < MAX_SECONDS)) {
+          throw new PhaseScriptError(
+            `Segment ${index + 1} ('${pySlice(segment, 40)}') has a time of ${raw} s, beyond ${pyFormatG(MAX_SECONDS)} s.`,
+            "Write phase times in seconds from the start of the clip, e.g. '0-2s: waves'.",
+          );
+        }
+      }
       phases.push({ start: Number(m.groups.start), end: Number(m.groups.end), text: pyStrip(m.groups.text) });
       return;
     }
