@@ -23,6 +23,7 @@ Modes:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -69,20 +70,38 @@ class PhaseSpans:
             out.append((int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 0))
         return out
 
-    def check_clip(self, num_latent_frames: int) -> None:
-        """Refuse a script that does not fit a clip of ``num_latent_frames`` latent frames (before sampling)."""
-        duration = pixel_frame_count(num_latent_frames) / self.fps
+    def latent_offset(self, seconds: float) -> int:
+        """Latent frames from the clip's start to a sampling that starts ``seconds`` into it (4 video frames each)."""
+        return int(round(seconds * self.fps / VAE_TEMPORAL_STRIDE))
+
+    def clip_latent_frames(self, settings: "PhaseControlSettings", sampled_frames: int) -> int:
+        """Latent frames of the whole clip: ``clip_seconds`` when set, else up to the end of this sampling."""
+        if settings.clip_seconds > 0:
+            return (max(1, math.ceil(settings.clip_seconds * self.fps - 1e-6)) - 1) // VAE_TEMPORAL_STRIDE + 1
+        return self.latent_offset(settings.start_seconds) + sampled_frames
+
+    def check_clip(self, settings: "PhaseControlSettings", sampled_frames: int) -> None:
+        """Refuse a script that does not fit the clip (before sampling): the clip is ``clip_seconds`` long when set,
+        else it ends with the ``sampled_frames`` latent frames sampled from ``start_seconds`` on."""
+        if settings.clip_seconds > 0:
+            duration = settings.clip_seconds
+        else:
+            duration = settings.start_seconds + pixel_frame_count(sampled_frames) / self.fps
         self.script.validate(duration, self.fps)
 
 
 @dataclass(frozen=True)
 class PhaseControlSettings:
     """The node's widgets: ``mode`` (see :data:`NATIVE_MODES`), ``feather`` (ramp width) and ``relay_width``
-    (Prompt Relay's width), both in latent frames."""
+    (Prompt Relay's width), both in latent frames; ``start_seconds``, where in the clip this sampling starts (an
+    extension that continues a clip: S2V Extend, InfiniteTalk's next chunk), and ``clip_seconds``, the whole clip's
+    length when the script runs past this sampling (0: it ends with this sampling)."""
 
     mode: str = "routed"
     feather: float = 2.0
     relay_width: float = 2.0
+    start_seconds: float = 0.0
+    clip_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in NATIVE_MODES:
@@ -93,6 +112,12 @@ class PhaseControlSettings:
         if self.mode == "relay" and not self.relay_width > 0:
             raise ActAvatarError(f"Relay mode needs a width above 0 latent frames (got {self.relay_width}).",
                                  "Set relay_width to e.g. 2, or use routed mode for a hard switch.")
+        if not (math.isfinite(self.start_seconds) and self.start_seconds >= 0):
+            raise ActAvatarError(f"start_seconds must be 0 or more (got {self.start_seconds}).",
+                                 "Set it to where this sampling starts in the clip, 0 for the first part.")
+        if not (math.isfinite(self.clip_seconds) and self.clip_seconds >= 0):
+            raise ActAvatarError(f"clip_seconds must be 0 or more (got {self.clip_seconds}).",
+                                 "Set it to the whole clip's length, or 0 when the clip ends with this sampling.")
 
 
 def specs_from_conds(conds: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[Any, PhaseSpans]:
@@ -101,15 +126,17 @@ def specs_from_conds(conds: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[A
             if c.get(PHASE_SPANS_KEY) is not None and "uuid" in c}
 
 
-def check_before_sampling(specs: Mapping[Any, PhaseSpans], num_latent_frames: int) -> None:
-    """The checks that need the clip: some cond carries spans, and every script fits the clip."""
+def check_before_sampling(specs: Mapping[Any, PhaseSpans], num_latent_frames: int,
+                          settings: PhaseControlSettings = PhaseControlSettings()) -> None:
+    """The checks that need the clip: some cond carries spans, and every script fits the clip
+    (:meth:`PhaseSpans.check_clip`); ``num_latent_frames`` are the latent frames this sampling makes."""
     if not specs:
         raise ActAvatarError(
             "ActAvatar Phase Control is on the model, but no conditioning carries phase spans.",
             "Encode the positive prompt with 'ActAvatar Phase Text Encode' (from an ActAvatar Phase Prompt), or "
             "remove the Phase Control node.")
     for spans in specs.values():
-        spans.check_clip(num_latent_frames)
+        spans.check_clip(settings, num_latent_frames)
 
 
 def clip_frame_indices(num_local_frames: int, window_indices: Sequence[int] | None = None,
@@ -127,11 +154,15 @@ def clip_frame_indices(num_local_frames: int, window_indices: Sequence[int] | No
 
 
 def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Sequence[int], text_len: int,
-                  clip_frames: int = 0) -> PhaseRouting | RelayRouting | None:
-    """Routing over the clip's latent frames 0..max(clip_frames, max(frames) + 1), indexed by absolute latent frame.
+                  sampled_frames: int = 0) -> tuple[PhaseRouting | RelayRouting | None, list[int]]:
+    """Routing over the whole clip's latent frames, and the clip's latent index of each of ``frames``.
 
-    None when every frame in ``frames`` may see every token: plain attention is then exactly what routing computes.
+    ``frames`` are indices into this sampling's latent (a context window's indices, say), which starts
+    ``settings.start_seconds`` into the clip. The routing is None when every one of them may see every token: plain
+    attention is then exactly what routing computes.
     """
+    offset = spans.latent_offset(settings.start_seconds)
+    frames = [f + offset for f in frames]
     block_ids = spans.block_ids.reshape(-1)
     if text_len != block_ids.numel():
         if text_len % block_ids.numel():
@@ -141,8 +172,8 @@ def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Seq
         block_ids = block_ids.repeat(text_len // block_ids.numel())  # ComfyUI repeats a shorter context to batch it
     every = frozenset(range(1, spans.num_phases + 1))
     if not every or not frames:
-        return None
-    total = max(max(frames) + 1, clip_frames)
+        return None, frames
+    total = max(max(frames) + 1, spans.clip_latent_frames(settings, sampled_frames))
     active = spans.script.active_phases(total, spans.fps)
     feather = settings.feather if settings.mode == "feathered" else 0.0
     boundaries = sorted({t for p in spans.script.phases for t in (p.start, p.end)})
@@ -150,23 +181,42 @@ def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Seq
                               VAE_TEMPORAL_STRIDE / spans.fps)
     full = ((every, 1.0),)
     if all(mixtures[f] == full for f in frames):
-        return None
+        return None, frames
     routing = PhaseRouting(block_ids[None], mixtures)
-    return RelayRouting(routing, settings.relay_width) if settings.mode == "relay" else routing
+    return (RelayRouting(routing, settings.relay_width) if settings.mode == "relay" else routing), frames
+
+
+@dataclass
+class ChunkRouting:
+    """The routing of one conditional batch chunk and the clip's latent index of each local clip frame."""
+
+    routing: PhaseRouting | RelayRouting
+    frames: list[int]
+    _token_frames: dict = field(default_factory=dict, repr=False)
+
+    def token_frame(self, tokens_per_frame: int, device: torch.device) -> torch.Tensor:
+        """(N,) clip latent frame of each clip token (cached, so the routing's run cache hits in every block)."""
+        key = (tokens_per_frame, str(device))
+        if key not in self._token_frames:
+            frames = torch.tensor(self.frames, dtype=torch.long, device=device)
+            self._token_frames[key] = frames.repeat_interleave(tokens_per_frame)
+        return self._token_frames[key]
 
 
 @dataclass
 class CallPlan:
-    """Routing of one model call: per batch chunk (one cond or uncond each) a routing or None (plain attention).
+    """Routing of one model call: per batch chunk (one cond or uncond each) a :class:`ChunkRouting` or None (plain
+    attention).
 
-    ``frames`` are the absolute latent indices of the local clip frames, which come first in the token order;
-    tokens after them (frames that are not clip frames, reference and motion latents) attend unrouted.
+    The clip's tokens are ``num_frames * tokens_per_frame`` tokens after ``lead_tokens`` tokens that are not clip
+    frames (a reference image put in front); tokens before and after them (reference and motion latents, frames
+    that are not the clip's) attend unrouted.
     """
 
-    routings: list[PhaseRouting | RelayRouting | None]
-    frames: list[int]
+    routings: list[ChunkRouting | None]
+    num_frames: int
     tokens_per_frame: int
-    _token_frames: dict = field(default_factory=dict, repr=False)
+    lead_tokens: int = 0
 
     @property
     def routes(self) -> bool:
@@ -174,34 +224,31 @@ class CallPlan:
 
     @property
     def clip_tokens(self) -> int:
-        return len(self.frames) * self.tokens_per_frame
-
-    def token_frame(self, device: torch.device) -> torch.Tensor:
-        """(N,) absolute latent frame of each clip token."""
-        key = str(device)
-        if key not in self._token_frames:
-            frames = torch.tensor(self.frames, dtype=torch.long, device=device)
-            self._token_frames[key] = frames.repeat_interleave(self.tokens_per_frame)
-        return self._token_frames[key]
+        return self.num_frames * self.tokens_per_frame
 
 
 def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *, uuids: Sequence[Any],
               cond_or_uncond: Sequence[int], grid: Sequence[int], text_len: int,
               window_indices: Sequence[int] | None = None, anchor_index: int | None = None,
-              clip_frames: int = 0) -> CallPlan | None:
+              sampled_frames: int = 0, lead_tokens: int = 0) -> CallPlan | None:
     """Which chunks of a batched call are routed and how. Only conditional chunks (``cond_or_uncond`` 0) whose
-    cond carries spans are routed; None when nothing is."""
+    cond carries spans are routed; None when nothing is. ``sampled_frames`` is the latent frame count of the whole
+    sampling (a context window's call sees only some of them)."""
     local = clip_frame_indices(int(grid[0]), window_indices, anchor_index)
     frames = []
     for f in local:  # clip frames come first; the first non-clip frame ends them
         if f is None:
             break
         frames.append(f)
-    routings: list[PhaseRouting | RelayRouting | None] = []
+    routings: list[ChunkRouting | None] = []
     for uid, kind in zip(uuids, cond_or_uncond):
         spans = specs.get(uid) if kind == 0 else None
-        routings.append(None if spans is None else build_routing(spans, settings, frames, text_len, clip_frames))
-    plan = CallPlan(routings, frames, int(grid[1]) * int(grid[2]))
+        if spans is None:
+            routings.append(None)
+            continue
+        routing, absolute = build_routing(spans, settings, frames, text_len, max(sampled_frames, int(grid[0])))
+        routings.append(None if routing is None else ChunkRouting(routing, absolute))
+    plan = CallPlan(routings, len(frames), int(grid[1]) * int(grid[2]), lead_tokens)
     return plan if plan.routes else None
 
 
@@ -215,20 +262,23 @@ def phase_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     if q.shape[0] % chunks:
         raise ActAvatarError(f"A batch of {q.shape[0]} does not split into {chunks} conditioning chunks.",
                              "Report this layout; ActAvatar Phase Control cannot route it.")
-    clip = plan.clip_tokens
-    if q.shape[1] < clip:
-        raise ActAvatarError(f"The attention sees {q.shape[1]} video tokens, fewer than the latent grid's {clip}.",
+    first, end = plan.lead_tokens, plan.lead_tokens + plan.clip_tokens
+    if q.shape[1] < end:
+        raise ActAvatarError(f"The attention sees {q.shape[1]} video tokens, fewer than the latent grid's {end}.",
                              "This model's token layout is not supported by ActAvatar Phase Control.")
     rows = q.shape[0] // chunks
     outs = []
-    for i, routing in enumerate(plan.routings):
+    for i, chunk in enumerate(plan.routings):
         sl = slice(i * rows, (i + 1) * rows)
-        if routing is None:
+        if chunk is None:
             outs.append(attend(q[sl], k[sl], v[sl]))
             continue
-        qh, kh, vh = (t[sl].unflatten(2, (heads, -1)) for t in (q[:, :clip], k, v))
-        out = phase_attention(qh, kh, vh, routing, plan.token_frame(q.device)).flatten(2).to(q.dtype)
-        if q.shape[1] > clip:
-            out = torch.cat([out, attend(q[sl, clip:], k[sl], v[sl])], dim=1)
-        outs.append(out)
+        qh, kh, vh = (t[sl].unflatten(2, (heads, -1)) for t in (q[:, first:end], k, v))
+        token_frame = chunk.token_frame(plan.tokens_per_frame, q.device)
+        parts = [phase_attention(qh, kh, vh, chunk.routing, token_frame).flatten(2).to(q.dtype)]
+        if first > 0:
+            parts.insert(0, attend(q[sl, :first], k[sl], v[sl]))
+        if q.shape[1] > end:
+            parts.append(attend(q[sl, end:], k[sl], v[sl]))
+        outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

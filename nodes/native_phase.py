@@ -88,7 +88,7 @@ class PhaseSpecsWrapper:
         if len(shape) != 5:
             raise ActAvatarError(f"ActAvatar Phase Control needs a video latent (B, C, T, H, W); got shape {shape}.",
                                  "Use it with Wan video models only.")
-        engine.check_before_sampling(specs, shape[2])
+        engine.check_before_sampling(specs, shape[2], self.settings)
         options = guider.model_options.setdefault("transformer_options", {})
         options[engine.SPECS_KEY] = specs
         options[engine.FRAMES_KEY] = shape[2]
@@ -110,13 +110,19 @@ class PlanCallWrapper:
         specs = (options or {}).get(engine.SPECS_KEY)
         if not specs or "uuids" not in options or "cond_or_uncond" not in options:
             return executor(x, timestep, context, *args, **kwargs)
-        patch = executor.class_obj.patch_size
+        dm = executor.class_obj
+        patch = dm.patch_size
         grid = (x.shape[2], math.ceil(x.shape[3] / patch[1]), math.ceil(x.shape[4] / patch[2]))
+        lead = 0
+        reference = kwargs.get("reference_latent")
+        if getattr(dm, "ref_conv", None) is not None and reference is not None:  # put in front of the video tokens
+            lead = (reference.shape[-2] // patch[1]) * (reference.shape[-1] // patch[2])  # ref_conv: kernel = stride
         window = options.get("context_window")
         plan = engine.plan_call(
             specs, options[WRAPPER_KEY], uuids=options["uuids"], cond_or_uncond=options["cond_or_uncond"], grid=grid,
             text_len=context.shape[1], window_indices=getattr(window, "index_list", None),
-            anchor_index=getattr(window, "causal_anchor_index", None), clip_frames=options.get(engine.FRAMES_KEY, 0))
+            anchor_index=getattr(window, "causal_anchor_index", None),
+            sampled_frames=options.get(engine.FRAMES_KEY, 0), lead_tokens=lead)
         if plan is None:
             return executor(x, timestep, context, *args, **kwargs)
         options[engine.PLAN_KEY] = plan
@@ -126,12 +132,13 @@ class PlanCallWrapper:
             options.pop(engine.PLAN_KEY, None)
 
 
-def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0, relay_width: float = 2.0) -> Any:
+def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0, relay_width: float = 2.0,
+                        start_seconds: float = 0.0, clip_seconds: float = 0.0) -> Any:
     """A clone of ``model`` (a ComfyUI ModelPatcher of a native Wan model) with phase control on every block."""
     import comfy.patcher_extension as pe
 
     wan = _wan()
-    settings = engine.PhaseControlSettings(mode, feather, relay_width)
+    settings = engine.PhaseControlSettings(mode, feather, relay_width, start_seconds, clip_seconds)
     dm = model.get_model_object("diffusion_model")
     if not isinstance(dm, wan.WanModel) or not hasattr(dm, "blocks"):
         raise ActAvatarError(f"ActAvatar Phase Control works on ComfyUI's Wan models; this model is a "
@@ -230,13 +237,22 @@ class ActAvatarPhaseControl(io.ComfyNode):
                 io.Float.Input("relay_width", default=2.0, min=0.05, max=64.0, step=0.05,
                                tooltip="Relay mode only: the penalty's width in latent frames (small: close to routed, "
                                        "large: every frame sees every phase)."),
+                io.Float.Input("start_seconds", default=0.0, min=0.0, max=3600.0, step=0.01, optional=True,
+                               tooltip="Where this sampling starts in the clip: 0 for a clip made in one go; for an "
+                                       "extension (S2V Extend, InfiniteTalk's next chunk) the length of the video "
+                                       "before it, so phases keep the clip's timing."),
+                io.Float.Input("clip_seconds", default=0.0, min=0.0, max=3600.0, step=0.01, optional=True,
+                               tooltip="The whole clip's length when the phase script runs past this sampling (an "
+                                       "extended clip); 0: the clip ends with this sampling, and a script longer "
+                                       "than that is refused."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model, mode: str = "routed", feather: float = 2.0, relay_width: float = 2.0) -> io.NodeOutput:
-        return io.NodeOutput(apply_phase_control(model, mode, feather, relay_width))
+    def execute(cls, model, mode: str = "routed", feather: float = 2.0, relay_width: float = 2.0,
+                start_seconds: float = 0.0, clip_seconds: float = 0.0) -> io.NodeOutput:
+        return io.NodeOutput(apply_phase_control(model, mode, feather, relay_width, start_seconds, clip_seconds))
 
 
 class ActAvatarPhaseTextEncode(io.ComfyNode):

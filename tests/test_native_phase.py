@@ -164,10 +164,25 @@ def test_relay_limits_and_windows_measured_on_the_whole_clip():
     full = N.phase_cross_attention(q, k, v, HEADS, _plan(9, settings=relay), _attend)
     assert (full - routed).abs().max() > 1e-3 and (full - _attend(q, k, v)).abs().max() > 1e-3
     # a window of frames 0-4: phase 2 starts at frame 5, outside it; its distance still counts from the clip
-    head = _plan(5, settings=relay, window_indices=[0, 1, 2, 3, 4], clip_frames=9)
+    head = _plan(5, settings=relay, window_indices=[0, 1, 2, 3, 4], sampled_frames=9)
     out = N.phase_cross_attention(q[:, : 5 * TPF], k, v, HEADS, head, _attend)
     torch.testing.assert_close(out, full[:, : 5 * TPF], rtol=1e-6, atol=1e-6)
     blind = _plan(5, settings=relay, window_indices=[0, 1, 2, 3, 4])  # without the clip length: phase 2 is nowhere
     assert not torch.allclose(N.phase_cross_attention(q[:, : 5 * TPF], k, v, HEADS, blind, _attend), out)
     with pytest.raises(ActAvatarError, match="width above 0"):
         N.PhaseControlSettings("relay", relay_width=0.0)
+
+
+def test_an_extension_routes_by_its_start_in_the_clip():
+    q, k, v = _qkv(1, 9)
+    full = N.phase_cross_attention(q, k, v, HEADS, _plan(9), _attend)
+    later = N.PhaseControlSettings("routed", start_seconds=1.0)  # 16 video frames = 4 latent frames into the clip
+    out = N.phase_cross_attention(q[:, 4 * TPF:], k, v, HEADS, _plan(5, settings=later), _attend)
+    torch.testing.assert_close(out, full[:, 4 * TPF:], rtol=1e-6, atol=1e-6)
+    # the clip's length: this sampling's end, or clip_seconds when the script runs past it
+    N.check_before_sampling({"u": SPANS}, 5, later)
+    with pytest.raises(PhaseScriptError, match="ends after the clip"):
+        N.check_before_sampling({"u": SPANS}, 5, N.PhaseControlSettings("routed"))
+    N.check_before_sampling({"u": SPANS}, 5, N.PhaseControlSettings("routed", clip_seconds=2.06))
+    with pytest.raises(ActAvatarError, match="start_seconds must be 0 or more"):
+        N.PhaseControlSettings("routed", start_seconds=-1.0)

@@ -375,3 +375,21 @@ def test_phase_text_encode_refuses_bad_input(comfy, tiny_clip):
     with pytest.raises(ActAvatarError, match="not Wan's umT5.*CLIPLoader"):
         comfy.node.encode_phase_prompt(types.SimpleNamespace(tokenizer=None),
                                        types.SimpleNamespace(script=SCRIPT, fps=FPS))
+
+
+def test_an_extension_routes_by_its_start_second(comfy, model):
+    """A sampling that continues a clip (S2V Extend, InfiniteTalk's next chunk) routes by the clip's time: the
+    extension's frames 0-4 starting at 1 s are the clip's latent frames 4-8."""
+    ctx, neg, noise = _inputs()
+    later = comfy.node.apply_phase_control(model, "routed", start_seconds=1.0)
+    base = _sample(comfy, later, _phased(ctx), [[neg, {}]], noise[:, :, :5])
+    for phase in (1, 2):
+        other = ctx.clone()
+        other[:, BLOCK_IDS == phase] += 0.5
+        changed = _changed_frames(base, _sample(comfy, later, _phased(other), [[neg, {}]], noise[:, :, :5]))
+        assert changed == {j - 4 for j in _window_frames(phase) if j >= 4}
+    # the first 5 frames of the clip end at 1.06 s, before phase 2 does: refused unless the clip's length is given
+    with pytest.raises(PhaseScriptError, match="ends after the clip"):
+        _sample(comfy, comfy.node.apply_phase_control(model, "routed"), _phased(ctx), [[neg, {}]], noise[:, :, :5])
+    first = comfy.node.apply_phase_control(model, "routed", clip_seconds=2.06)
+    assert _sample(comfy, first, _phased(ctx), [[neg, {}]], noise[:, :, :5]).shape[2] == 5
