@@ -42,6 +42,7 @@ VAE_TEMPORAL_STRIDE = 4
 DEFAULT_FPS = 25.0
 
 _EPS = 1e-6
+_NOT_JSON = object()
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,11 @@ class PhaseScript:
         if isinstance(data, str):
             try:
                 data = json.loads(data)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # also a 5000-digit number or 100000 nested brackets
+                reason = (f"{exc.msg} at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError)
+                          else "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc))
                 raise PhaseScriptError(
-                    f"The phase script is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).",
+                    f"The phase script is not valid JSON ({reason}).",
                     'Write it as {"version": 1, "base": "...", "phases": [{"start": 0, "end": 2, "text": "..."}]} '
                     "or use the compact form '0-2s: waves | 2-4s: points down'.",
                 ) from None
@@ -163,9 +166,11 @@ class PhaseScript:
             return cls.from_json(stripped)
         if stripped.startswith("["):  # a JSON list (wrong), or compact text opening with "[0-2s]: ..."
             try:
-                return cls.from_json(json.loads(stripped))
-            except json.JSONDecodeError:
-                pass
+                data = json.loads(stripped)
+            except (ValueError, RecursionError):
+                data = _NOT_JSON
+            if data is not _NOT_JSON:
+                return cls.from_json(data)
         return cls.from_compact(stripped)
 
     # ----------------------------------------------------------------------------------------- serialisers

@@ -129,7 +129,12 @@ def main(argv: list[str]) -> int:
                 args = _parser(command).parse_args(rest)
             except SystemExit as exc:  # --help
                 return int(exc.code or 0)
-            inputs = check_inputs(command, args)
+            try:
+                inputs = check_inputs(command, args)
+            except OSError as exc:  # a path the system refuses outright (too long, a loop of links, no permission)
+                where = f"'{exc.filename}'" if exc.filename else "A path"
+                raise CliInputError(f"The path {where} cannot be used ({exc.strerror or exc}).",
+                                    "Check the path: its length, its permissions, that its disk is mounted.") from None
             return _run(command, args, inputs)
         except ActAvatarError as exc:
             print(f"actavatar {command}: {exc}", file=sys.stderr)

@@ -40,7 +40,10 @@ def load_image(source: "str | os.PathLike | np.ndarray | Any") -> np.ndarray:
             with Image.open(path) as img:
                 img.load()
                 return np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise ImageInputError(f"'{path.name}' is too large to be a reference image ({exc}).",
+                                  "Use a picture of a few megapixels at most.") from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ImageInputError(
                 f"'{path.name}' is not an image that can be read ({exc.__class__.__name__}).",
                 "Use a PNG, JPEG or WebP picture of the avatar.",

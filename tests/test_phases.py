@@ -93,3 +93,19 @@ def test_fps_changes_the_grid():
     # 0.2 s holds a latent-frame centre at 24 fps? centres every 4/24 s = 0.167 s
     assert s.problems(duration=3, fps=24) == []
     assert any("too short" in p for p in PhaseScript.parse("x | 1-1.1s: a").problems(duration=3, fps=8))
+
+
+@pytest.mark.parametrize("value, words", [
+    ('{"a": ' * 100000 + "1" + "}" * 100000, "nested too deeply"),
+    ('{"version": 1, "base": "x", "phases": [{"start": ' + "1" * 5000 + ', "end": 2, "text": "t"}]}', "not valid JSON"),
+    ("[" * 100000 + "]" * 100000, None),  # not JSON the parser can take: read as compact text, refused as a prompt
+    ("[" + "1" * 5000 + "]", None),
+])
+def test_pathological_json_is_refused_with_a_message(value, words):
+    try:
+        script = PhaseScript.parse(value)
+    except PhaseScriptError as exc:
+        assert words is None or words in str(exc)
+        assert "Fix:" in str(exc)
+    else:
+        assert words is None and script.problems(None, 25.0)  # taken as compact text, whose prompt is refused
