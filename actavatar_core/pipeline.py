@@ -1,8 +1,14 @@
 """One call from (reference image, speech, phase script) to video frames or an MP4 file.
 
 ``ActAvatarPipeline`` holds the five models (an :class:`~actavatar_core.bundle.ActAvatarModels`) and runs: validate
-inputs -> encode prompt and audio -> encode the reference image -> sample -> decode (streamed) -> write the MP4.
-The ComfyUI nodes call the same steps one by one, so both paths share every line of math.
+inputs -> encode prompt and speech -> encode the reference image -> :func:`generate_clip_latents` -> decode
+(streamed) -> write the MP4.
+
+:func:`generate_clip_latents` is the one engine entry from encoded text, speech features and the reference latent to
+the clip's latents: it windows the speech features per latent frame, routes the phases and samples. The command line
+(through :class:`ActAvatarPipeline`) and the ComfyUI Sampler node both call it, so both paths share every line of
+math. Speech features are wav2vec2's hidden states of the whole speech as given (:func:`encode_speech`), the same
+numbers as ComfyUI's AudioEncoderEncode gives, so they are computed once, before the clip length is known.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .audio import AudioEmbedding, encode_audio
+from .audio import (
+    SAMPLE_RATE, AudioEmbedding, Waveform, embed_features, fit_waveform, load_waveform, wav2vec2_hidden_states,
+)
 from .bundle import ActAvatarModels
-from .errors import PhaseScriptError
+from .errors import PhaseScriptError, WeightsError
 from .limits import audio_seconds, check_clip, limits_of
 from .model import compute_dtype
-from .phases import DEFAULT_FPS, PhaseScript, latent_frame_count
+from .phases import DEFAULT_FPS, PhaseScript, frames_for_duration, latent_frame_count
 from .sampling import Conditioning, SamplingOptions, StepInfo, build_routing, cancel_check, sample
 from .text import DEFAULT_NEGATIVE, EncodedPrompt, encode_plain, encode_script
 from .vae import check_size, decode_latents, decode_stream, encode_reference
@@ -45,14 +53,95 @@ class GenerationRequest:
 
 
 @dataclass
+class SpeechFeatures:
+    """Encoded speech: wav2vec2's hidden states of the whole speech, (T, L, C) at 50 Hz with the embedding output
+    first (what ComfyUI's AudioEncoderEncode calls ``encoded_audio_all_layers``), and the 16 kHz mono speech they
+    came from (None when only the features are known)."""
+
+    features: torch.Tensor
+    waveform: Waveform | None
+    duration: float  # seconds of speech
+
+
+def encode_speech(audio_encoder: Any, source: Any, *, do_normalize: bool = True,
+                  sample_rate: int | None = None) -> SpeechFeatures:
+    """Decode and check the speech (any file, a ComfyUI AUDIO, a waveform), then run wav2vec2 on all of it."""
+    wave = load_waveform(source, sample_rate)
+    return SpeechFeatures(wav2vec2_hidden_states(audio_encoder, wave, do_normalize), wave, wave.duration)
+
+
+def speech_clip_frames(speech: SpeechFeatures, fps: float, num_frames: int | None = None) -> int:
+    """The clip's frame count: fixed by the caller (checked to be 4k+1) or the smallest 4k+1 covering the speech."""
+    if num_frames:
+        latent_frame_count(int(num_frames))
+        return int(num_frames)
+    return frames_for_duration(speech.duration, fps)
+
+
+def check_speech_features(features: torch.Tensor, config: Any) -> None:
+    """Refuse speech features the model's audio adapter was not trained on (another wav2vec2 size), naming the fix."""
+    layers, dim = int(features.shape[-2]), int(features.shape[-1])
+    if (layers, dim) != (config.audio_num_layers, config.audio_feature_dim):
+        flavour = {1024: "wav2vec2 large (wav2vec2_large_english_fp16.safetensors)",
+                   768: "wav2vec2 base (wav2vec2-chinese-base_fp16.safetensors)"}.get(
+            config.audio_feature_dim, f"a {config.audio_feature_dim}-wide wav2vec2")
+        raise WeightsError(
+            f"The audio features have {layers} layers of width {dim}, but this ActAvatar model's audio adapter was "
+            f"trained on {config.audio_num_layers} layers of width {config.audio_feature_dim}.",
+            f"Use the audio encoder the ActAvatar weights were trained with: {flavour}; or pick the ActAvatar "
+            "weights that match your audio encoder.")
+
+
+def window_speech(speech: SpeechFeatures, *, fps: float, num_frames: int, window: int) -> AudioEmbedding:
+    """The speech for a clip of ``num_frames`` at ``fps``: its features interpolated to the video frames and
+    windowed per latent frame (past the end of the speech its last features repeat), and the speech trimmed or
+    padded with silence to the clip."""
+    wave = speech.waveform
+    if wave is None:  # features only: a silent waveform of the clip's length for the bookkeeping
+        wave = Waveform(torch.zeros(int(round(num_frames / fps * SAMPLE_RATE))), SAMPLE_RATE)
+    return embed_features(speech.features.float(), fit_waveform(wave, num_frames, fps), fps=fps,
+                          num_frames=num_frames, source_duration=speech.duration, window=window)
+
+
+@dataclass
+class ClipLatents:
+    latents: torch.Tensor  # normalised latents (1, C, F_lat, h, w)
+    audio: AudioEmbedding
+    script: PhaseScript
+
+
+def generate_clip_latents(transformer: Any, *, prompt: EncodedPrompt, negative: EncodedPrompt,
+                          speech: SpeechFeatures, reference_latent: torch.Tensor, script: PhaseScript, fps: float,
+                          num_frames: int, options: SamplingOptions,
+                          on_step: Callable[[StepInfo], None] | None = None,
+                          check_cancel: Callable[[], None] | None = None) -> ClipLatents:
+    """The engine entry: encoded phase prompt and negative, speech features and the reference image's latent ->
+    the clip's latents. Checks the script against the clip and the features against the model, windows the speech
+    per latent frame, routes the phases over time and samples."""
+    config = transformer.config
+    script = script.validate(duration=num_frames / fps, fps=fps)
+    if len(script.phases) > config.max_phases:
+        raise PhaseScriptError(f"The script has {len(script.phases)} phases; this model was trained with at most "
+                               f"{config.max_phases}.", "Merge neighbouring phases or split the clip.")
+    check_speech_features(speech.features, config)
+    audio = window_speech(speech, fps=fps, num_frames=num_frames, window=config.audio_window)
+    num_latent = latent_frame_count(num_frames)
+    routing = build_routing(script, prompt.block_ids, num_latent, fps, options.feather)
+    cond = Conditioning(text=prompt.embeds, phase_ids=prompt.block_ids, negative=negative.embeds,
+                        audio=audio.features, routing=routing)
+    latents = sample(transformer, cond, reference_latent, num_latent, options, on_step=on_step,
+                     check_cancel=check_cancel)
+    return ClipLatents(latents, audio, script)
+
+
+@dataclass
 class PreparedInputs:
     script: PhaseScript
     prompt: EncodedPrompt
     negative: EncodedPrompt
-    audio: AudioEmbedding
+    speech: SpeechFeatures
     first_latent: torch.Tensor
     num_frames: int
-    num_latent_frames: int
 
 
 def prepare(models: ActAvatarModels, request: GenerationRequest) -> PreparedInputs:
@@ -65,11 +154,12 @@ def prepare(models: ActAvatarModels, request: GenerationRequest) -> PreparedInpu
                width=request.width, height=request.height, limits=limits)
     image = load_image(request.image)
     request.options.check()
-    audio = encode_audio(models.audio_encoder, request.audio, fps=request.fps, num_frames=request.num_frames,
-                         do_normalize=models.audio_config.get("do_normalize", True),
-                         window=models.transformer.config.audio_window)
-    check_clip(fps=request.fps, num_frames=audio.num_frames, limits=limits)  # audio whose length was not known
-    script.validate(duration=audio.duration, fps=request.fps)
+    speech = encode_speech(models.audio_encoder, request.audio,
+                           do_normalize=models.audio_config.get("do_normalize", True))
+    num_frames = speech_clip_frames(speech, request.fps, request.num_frames)
+    check_clip(fps=request.fps, num_frames=num_frames, limits=limits)  # audio whose length was not known
+    script.validate(duration=num_frames / request.fps, fps=request.fps)
+    check_speech_features(speech.features, models.transformer.config)
     if len(script.phases) > models.transformer.config.max_phases:
         raise PhaseScriptError(f"This model was trained with at most {models.transformer.config.max_phases} phases.",
                                "Use fewer phases.")
@@ -78,19 +168,12 @@ def prepare(models: ActAvatarModels, request: GenerationRequest) -> PreparedInpu
     negative_text = request.negative if request.negative is not None else (script.negative or DEFAULT_NEGATIVE)
     negative = encode_plain(models.text_encoder, models.tokenizer, negative_text, dtype=dtype)
     first_latent = encode_reference(models.vae, image, request.width, request.height)
-    return PreparedInputs(script, prompt, negative, audio, first_latent, audio.num_frames,
-                          latent_frame_count(audio.num_frames))
+    return PreparedInputs(script, prompt, negative, speech, first_latent, num_frames)
 
 
 def size_step(models: ActAvatarModels) -> int:
     """Pixels per transformer token side: VAE spatial stride x patch (32 for Wan2.2-5B: 16 x 2; the mini: 8 x 4)."""
     return int(models.vae.config.scale_factor_spatial) * int(models.transformer.config.patch_size[1])
-
-
-def conditioning(prepared: PreparedInputs, fps: float, feather: float = 0.0) -> Conditioning:
-    routing = build_routing(prepared.script, prepared.prompt.block_ids, prepared.num_latent_frames, fps, feather)
-    return Conditioning(text=prepared.prompt.embeds, phase_ids=prepared.prompt.block_ids,
-                        negative=prepared.negative.embeds, audio=prepared.audio.features, routing=routing)
 
 
 @dataclass
@@ -110,10 +193,11 @@ class ActAvatarPipeline:
     def generate_latents(self, request: GenerationRequest, *, on_step: Callable[[StepInfo], None] | None = None,
                          cancel: Callable[[], bool] | None = None) -> GenerationResult:
         prepared = prepare(self.models, request)
-        cond = conditioning(prepared, request.fps, request.options.feather)
-        latents = sample(self.models.transformer, cond, prepared.first_latent, prepared.num_latent_frames,
-                         request.options, on_step=on_step, check_cancel=cancel_check(cancel))
-        return GenerationResult(latents, prepared.audio, request.fps, prepared.script)
+        clip = generate_clip_latents(self.models.transformer, prompt=prepared.prompt, negative=prepared.negative,
+                                     speech=prepared.speech, reference_latent=prepared.first_latent,
+                                     script=prepared.script, fps=request.fps, num_frames=prepared.num_frames,
+                                     options=request.options, on_step=on_step, check_cancel=cancel_check(cancel))
+        return GenerationResult(clip.latents, clip.audio, request.fps, clip.script)
 
     def generate(self, request: GenerationRequest, **kwargs: Any) -> GenerationResult:
         """Frames in memory (uint8 (T, H, W, 3))."""

@@ -1,4 +1,4 @@
-"""Audio Encode: the speech -> ACTAVATAR_AUDIO (wav2vec2 hidden states, windowed per latent frame by the engine)."""
+"""Audio Encode: the speech -> its wav2vec2 features (ACTAVATAR_AUDIO, shaped like core's AUDIO_ENCODER_OUTPUT)."""
 
 from __future__ import annotations
 
@@ -9,26 +9,14 @@ from . import conventions as conv
 from .values import AudioEmbeds, AudioEncoderType
 
 
-def _encoder_function(audio_encoder):
-    """wav2vec2 on a (clip-fitted) 16 kHz waveform, run under ComfyUI's model management."""
-
-    def encode(waveform):
-        from actavatar_core.audio import wav2vec2_hidden_states
-
-        with audio_encoder.managed.use() as model:
-            bridge.throw_if_interrupted()
-            return wav2vec2_hidden_states(model, waveform, audio_encoder.do_normalize).to(bridge.intermediate_device())
-
-    return encode
-
-
 class ActAvatarAudioEncode(io.ComfyNode):
-    """Speech for the avatar: ComfyUI AUDIO + our audio encoder, or core's AUDIO_ENCODER_OUTPUT (from core's
-    AudioEncoderLoader/AudioEncoderEncode, so your wav2vec2 file can be reused) -> ACTAVATAR_AUDIO.
+    """Speech for the avatar: ComfyUI AUDIO + our wav2vec2 -> the speech's features, as core's AudioEncoderEncode
+    gives AUDIO_ENCODER_OUTPUT (every hidden state of the whole speech at 50 Hz), plus the speech itself.
 
-    The speech is checked here (rate, silence, corruption). The windows per latent frame need the clip's frame rate
-    and length, which the Sampler knows (from the Phase Prompt), so the wav2vec2 features are computed for that
-    clip when the Sampler runs and cached for re-runs.
+    wav2vec2 runs here, once per speech (ComfyUI caches the output across seeds and settings); the Sampler windows
+    the features per latent frame for the clip's frame rate and length (in the engine). Core's own
+    AUDIO_ENCODER_OUTPUT can come in instead of our encoder (connect the same AUDIO so the saved video carries it),
+    or go straight to the Sampler.
     """
 
     REQUIRES = ("transformers",)
@@ -37,8 +25,9 @@ class ActAvatarAudioEncode(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ActAvatarAudioEncode", display_name="ActAvatar Audio Encode", category="ActAvatar",
-            description=("The speech the avatar says: connect AUDIO + an ActAvatar audio encoder, or core's "
-                         "AudioEncoderEncode output (AUDIO_ENCODER_OUTPUT) from a wav2vec2 audio encoder."),
+            description=("Encodes the speech the avatar says with wav2vec2: connect AUDIO + an ActAvatar audio "
+                         "encoder, or core's AudioEncoderEncode output (AUDIO_ENCODER_OUTPUT) from a wav2vec2 "
+                         "audio encoder."),
             inputs=[
                 io.Audio.Input("audio", optional=True, tooltip="The speech (e.g. from LoadAudio)."),
                 AudioEncoderType.Input("audio_encoder", optional=True,
@@ -48,17 +37,27 @@ class ActAvatarAudioEncode(io.ComfyNode):
                                                     "(wav2vec2 only). Connect the same AUDIO too, so the saved "
                                                     "video carries the speech."),
             ],
-            outputs=[AudioEmbeds.Output(display_name="audio_embeds")],
+            outputs=[AudioEmbeds.Output(display_name="audio_embeds",
+                                        tooltip="The speech's wav2vec2 features (all layers, 50 Hz) and the speech.")],
         )
 
     @classmethod
     def execute(cls, audio=None, audio_encoder=None, audio_encoder_output=None) -> io.NodeOutput:
+        from actavatar_core.audio import load_waveform
         from actavatar_core.errors import AudioInputError
+        from actavatar_core.pipeline import encode_speech
 
         if audio_encoder_output is not None:
-            return io.NodeOutput(conv.speech_from_encoder_output(audio_encoder_output, audio))
+            speech, original = conv.speech_from_encoder_output(audio_encoder_output, audio)
+            return io.NodeOutput(conv.encoder_output(speech, original))
         if audio is None or audio_encoder is None:
             raise AudioInputError("ActAvatar Audio Encode needs the speech AUDIO and an audio encoder (or core's "
                                   "AUDIO_ENCODER_OUTPUT).",
                                   "Connect LoadAudio -> audio and ActAvatar Audio Encoder Loader -> audio_encoder.")
-        return io.NodeOutput(conv.speech_from_audio(audio, _encoder_function(audio_encoder)))
+        wave = load_waveform(conv.first_item(audio))  # silent, broken or unusable speech: refused before wav2vec2 loads
+        with audio_encoder.managed.use() as model:
+            bridge.throw_if_interrupted()
+            speech = encode_speech(model, wave.samples, sample_rate=wave.sample_rate,
+                                   do_normalize=audio_encoder.do_normalize)
+        speech.features = speech.features.to(bridge.intermediate_device())
+        return io.NodeOutput(conv.encoder_output(speech, audio))

@@ -23,15 +23,15 @@ import time
 import wave as wave_module
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
-from actavatar_core.audio import (
-    SAMPLE_RATE, AudioEmbedding, Waveform, clip_frames_for, embed_features, features_from_layers, fit_waveform,
-    load_waveform,
-)
+if TYPE_CHECKING:  # the engine's pipeline imports diffusers: only the nodes that need it import it at run time
+    from actavatar_core.pipeline import SpeechFeatures
+
+from actavatar_core.audio import SAMPLE_RATE, features_from_layers, load_waveform
 from actavatar_core.errors import (
     AudioInputError, ClipTooLongError, ImageInputError, PhaseScriptError, SizeError, WeightsError,
 )
@@ -179,7 +179,7 @@ def make_phase_prompt(phase_script: Any, duration: float = 0.0, fps: float = DEF
 
 
 # ================================================================================================ clip length
-def clip_frames(frames: int, phase_prompt: PhasePrompt, speech: "Waveform | None") -> int:
+def clip_frames(frames: int, phase_prompt: PhasePrompt, speech: SpeechFeatures | None) -> int:
     """The clip's pixel frame count (4k+1): the sampler's ``frames`` when set, else the Phase Prompt's duration when
     set, else the speech's length (the smallest 4k+1 covering it, as the command line does)."""
     fps = phase_prompt.fps
@@ -191,7 +191,9 @@ def clip_frames(frames: int, phase_prompt: PhasePrompt, speech: "Waveform | None
     if speech is None:
         raise AudioInputError("The clip length is unknown: frames is 0, the Phase Prompt's duration is 0 and there "
                               "is no speech.", "Connect the speech audio, or set frames or duration.")
-    return clip_frames_for(speech, fps, None)
+    from actavatar_core.pipeline import speech_clip_frames
+
+    return speech_clip_frames(speech, fps, None)
 
 
 def validate_for_clip(phase_prompt: PhasePrompt, num_frames: int, max_phases: int | None = None) -> PhaseScript:
@@ -219,61 +221,27 @@ def check_sizes(width: int, height: int, frames: int) -> str | None:
 
 
 # ================================================================================================ speech
-@dataclass
-class SpeechClip:
-    """Speech for a clip whose frame rate and length are not known yet (the sampler knows them).
-
-    ``waveform`` is the validated 16 kHz mono speech. Either ``encode`` (a wav2vec2 run on a waveform, giving
-    (T, L, C) hidden states at 50 Hz) or ``layers`` (precomputed (T, L, C) hidden states from core's
-    AUDIO_ENCODER_OUTPUT) is set. ``original`` keeps the AUDIO as the user gave it (rate, channels) for the
-    saved video. Embeddings are memoised per (fps, frames, window), so re-running a sampler with another seed
-    does not re-encode.
-    """
-
-    waveform: Waveform | None
-    duration: float
-    encode: Callable[[Waveform], torch.Tensor] | None = None
-    layers: torch.Tensor | None = None
-    original: dict | None = None
-    source: str = ""
-    _memo: dict = field(default_factory=dict, repr=False)
-
-    def embedding(self, fps: float, num_frames: int, window: int) -> AudioEmbedding:
-        key = (round(float(fps), 6), int(num_frames), int(window))
-        if key not in self._memo:
-            self._memo.clear()  # one clip at a time: the memo must not grow across many different runs
-            self._memo[key] = self._embed(float(fps), int(num_frames), int(window))
-        return self._memo[key]
-
-    def _embed(self, fps: float, num_frames: int, window: int) -> AudioEmbedding:
-        if self.waveform is not None:
-            fitted = fit_waveform(self.waveform, num_frames, fps)
-        else:  # features only: a silent stand-in of the clip's length for bookkeeping
-            fitted = Waveform(torch.zeros(int(round(num_frames / fps * SAMPLE_RATE))), SAMPLE_RATE)
-        if self.encode is not None:
-            if self.waveform is None:
-                raise AudioInputError("No speech waveform to encode.", "Connect the speech AUDIO.")
-            features = self.encode(fitted)
-        elif self.layers is not None:
-            features = self.layers
-        else:
-            raise AudioInputError("The speech has neither an audio encoder nor precomputed features.",
-                                  "Connect an ActAvatar audio encoder, or core's AudioEncoderEncode output.")
-        return embed_features(features.float(), fitted, fps=fps, num_frames=num_frames,
-                              source_duration=self.duration, window=window)
+#: Keys Audio Encode adds to its AUDIO_ENCODER_OUTPUT-shaped output (core's consumers ignore them).
+SPEECH_KEY, AUDIO_KEY = "actavatar_speech", "audio"
 
 
-def speech_from_audio(audio: dict, encode: Callable[[Waveform], torch.Tensor]) -> SpeechClip:
-    """A ComfyUI AUDIO (validated: decodable rate, not silent, finite) to be encoded by our wav2vec2."""
-    wave = load_waveform(_first_item(audio))
-    return SpeechClip(wave, wave.duration, encode=encode, original=audio, source="audio")
+def encoder_output(speech: SpeechFeatures, audio: dict | None) -> dict:
+    """Audio Encode's output: encoded speech shaped like core's AUDIO_ENCODER_OUTPUT (all hidden states as a list
+    of (1, T, C), the last one as ``encoded_audio``, the sample count at 16 kHz), plus the engine's
+    :class:`SpeechFeatures` and the AUDIO as the user gave it (rate, channels) for the saved video."""
+    layers = speech.features
+    samples = speech.waveform.samples.numel() if speech.waveform is not None else round(speech.duration * SAMPLE_RATE)
+    return {"encoded_audio": layers[None, :, -1], "encoded_audio_all_layers": [layers[None, :, i]
+                                                                              for i in range(layers.shape[1])],
+            "audio_samples": int(samples), SPEECH_KEY: speech, AUDIO_KEY: audio}
 
 
 def layers_from_encoder_output(output: Any) -> tuple[torch.Tensor, float]:
     """(T, L, C) hidden states and the speech duration from core's AUDIO_ENCODER_OUTPUT."""
     if not isinstance(output, dict) or "encoded_audio_all_layers" not in output:
-        raise AudioInputError("The audio_encoder_output input is not an AUDIO_ENCODER_OUTPUT with all layers.",
-                              "Connect core's AudioEncoderEncode (with a wav2vec2 audio encoder).")
+        raise AudioInputError("The audio input is not an AUDIO_ENCODER_OUTPUT with all layers.",
+                              "Connect ActAvatar Audio Encode, or core's AudioEncoderEncode with a wav2vec2 audio "
+                              "encoder.")
     layers = output["encoded_audio_all_layers"]
     if not isinstance(layers, (list, tuple)) or not layers:
         raise AudioInputError("The AUDIO_ENCODER_OUTPUT has no hidden states.", "Re-run AudioEncoderEncode.")
@@ -283,31 +251,20 @@ def layers_from_encoder_output(output: Any) -> tuple[torch.Tensor, float]:
     return features, duration
 
 
-def speech_from_encoder_output(output: dict, audio: dict | None = None) -> SpeechClip:
-    """Speech whose wav2vec2 features were computed by core's AudioEncoderEncode (the user's own wav2vec2 file).
+def speech_from_encoder_output(output: Any, audio: dict | None = None) -> tuple[SpeechFeatures, dict | None]:
+    """The engine's speech features and the original AUDIO from Audio Encode's output or from core's
+    AUDIO_ENCODER_OUTPUT (features computed by core from the user's own wav2vec2 file; ``audio``: the same speech
+    as AUDIO, checked, so the clip and the saved video carry it)."""
+    from actavatar_core.pipeline import SpeechFeatures
 
-    The features cover the audio as given (not padded to the clip, as our encoder does), so the last few video
-    frames past the end of the speech repeat its final features."""
+    if isinstance(output, dict) and isinstance(output.get(SPEECH_KEY), SpeechFeatures):
+        return output[SPEECH_KEY], output.get(AUDIO_KEY)
     features, duration = layers_from_encoder_output(output)
-    wave = load_waveform(_first_item(audio)) if audio is not None else None
-    return SpeechClip(wave, wave.duration if wave is not None else duration, layers=features, original=audio,
-                      source="audio_encoder_output")
+    wave = load_waveform(first_item(audio)) if audio is not None else None
+    return SpeechFeatures(features, wave, wave.duration if wave is not None else duration), audio
 
 
-def check_audio_features(embedding: AudioEmbedding, feature_dim: int, num_layers: int, window: int) -> None:
-    """Refuse audio features the model's adapter was not trained on (wrong wav2vec2 size), naming the fix."""
-    _, _, w, layers, dim = embedding.features.shape
-    if (layers, dim) != (num_layers, feature_dim) or w != window:
-        flavour = {1024: "wav2vec2 large (wav2vec2_large_english_fp16.safetensors)",
-                   768: "wav2vec2 base (wav2vec2-chinese-base_fp16.safetensors)"}.get(feature_dim, f"a {feature_dim}-wide wav2vec2")
-        raise WeightsError(
-            f"The audio features have {layers} layers of width {dim}, but this ActAvatar model's audio adapter was "
-            f"trained on {num_layers} layers of width {feature_dim}.",
-            f"Use the audio encoder the ActAvatar weights were trained with: {flavour}; or pick the ActAvatar "
-            "weights that match your audio encoder.")
-
-
-def _first_item(audio: dict) -> dict:
+def first_item(audio: dict) -> dict:
     """The first item of an AUDIO batch (ActAvatar makes one clip per run)."""
     if not isinstance(audio, dict) or "waveform" not in audio:
         raise AudioInputError("The audio input is not a ComfyUI AUDIO.", "Connect a LoadAudio.")
@@ -323,7 +280,7 @@ def fit_audio(audio: dict | None, num_frames: int, fps: float, channels: int = 1
     if audio is None:
         samples = int(math.ceil(num_frames / fps * SAMPLE_RATE - 1e-6))
         return {"waveform": torch.zeros(1, channels, samples), "sample_rate": SAMPLE_RATE}
-    item = _first_item(audio)
+    item = first_item(audio)
     rate = int(item["sample_rate"])
     data = fit_audio_to_video(item["waveform"].float().cpu().numpy(), rate, num_frames, fps)
     return {"waveform": torch.from_numpy(np.ascontiguousarray(data))[None], "sample_rate": rate}

@@ -42,7 +42,8 @@ class ActAvatarSampler(io.ComfyNode):
             inputs=[
                 Model.Input("model"),
                 ConditioningType.Input("conditioning"),
-                AudioEmbeds.Input("audio_embeds"),
+                AudioEmbeds.Input("audio_embeds", tooltip="The speech's features (ActAvatar Audio Encode, which "
+                                                          "also takes core's AUDIO_ENCODER_OUTPUT)."),
                 io.Image.Input("image", tooltip="The reference image (first frame of the clip); resized and "
                                                 "centre-cropped."),
                 Vae.Input("vae"),
@@ -105,7 +106,8 @@ class ActAvatarSampler(io.ComfyNode):
                 audio_schedule: str = "trained", audio_gamma: float = 1.5, phase_cfg: float = 0.0) -> io.NodeOutput:
         from actavatar_core.limits import check_clip, limits_of
         from actavatar_core.phases import latent_frame_count
-        from actavatar_core.sampling import Conditioning, SamplingOptions, build_routing, sample
+        from actavatar_core.pipeline import check_speech_features, generate_clip_latents
+        from actavatar_core.sampling import SamplingOptions
         from actavatar_core.vae import check_size, encode_reference
 
         phase_prompt = conditioning.phase_prompt
@@ -118,20 +120,16 @@ class ActAvatarSampler(io.ComfyNode):
         options.check()
         check_size(int(width), int(height))
         # Every input check before any model runs.
-        num_frames = conv.clip_frames(int(frames), phase_prompt, audio_embeds.waveform)
+        speech, original = conv.speech_from_encoder_output(audio_embeds)
+        num_frames = conv.clip_frames(int(frames), phase_prompt, speech)
         check_clip(fps=fps, num_frames=num_frames, limits=limits_of(_Models(transformer, vae.module)))
         script = conv.validate_for_clip(phase_prompt, num_frames, config.max_phases)
+        check_speech_features(speech.features, config)
         reference = conv.reference_from_images(image)
         num_latent = latent_frame_count(num_frames)
-
-        embedding = audio_embeds.embedding(fps, num_frames, config.audio_window)
-        conv.check_audio_features(embedding, config.audio_feature_dim, config.audio_num_layers, config.audio_window)
         bridge.throw_if_interrupted()
         with vae.managed.use(conv.vae_encode_memory_bytes(height, width, vae.managed.dtype_bytes)) as vae_module:
             first_latent = encode_reference(vae_module, reference, int(width), int(height))
-        routing = build_routing(script, conditioning.prompt.block_ids, num_latent, fps, options.feather)
-        cond = Conditioning(text=conditioning.prompt.embeds, phase_ids=conditioning.prompt.block_ids,
-                            negative=conditioning.negative.embeds, audio=embedding.features, routing=routing)
 
         progress = bridge.progress_bar(options.steps)
         previewer = bridge.latent_previewer(model.managed.load_device)
@@ -146,15 +144,17 @@ class ActAvatarSampler(io.ComfyNode):
             if audio_schedule != "trained":
                 module.set_audio_schedule(audio_schedule, float(audio_gamma))
             try:
-                latents = sample(module, cond, first_latent, num_latent, options, on_step=on_step,
-                                 check_cancel=bridge.throw_if_interrupted)
+                clip = generate_clip_latents(module, prompt=conditioning.prompt, negative=conditioning.negative,
+                                             speech=speech, reference_latent=first_latent, script=script, fps=fps,
+                                             num_frames=num_frames, options=options, on_step=on_step,
+                                             check_cancel=bridge.throw_if_interrupted)
             finally:
                 module.set_audio_schedule(None)  # the model is shared: never leave an override behind
-        samples = conv.raw_latents(latents, vae.module).to(bridge.intermediate_device())
-        if audio_embeds.original is None:
-            log.warning("ActAvatar Sampler: no AUDIO reached ActAvatar Audio Encode (only audio_encoder_output), so "
-                        "the audio output is silence; connect the speech to Audio Encode's audio input too.")
-        clip_audio = conv.fit_audio(audio_embeds.original, num_frames, fps)
+        samples = conv.raw_latents(clip.latents, vae.module).to(bridge.intermediate_device())
+        if original is None:
+            log.warning("ActAvatar Sampler: the speech came without its AUDIO (core's AUDIO_ENCODER_OUTPUT only), so "
+                        "the audio output is silence; connect the speech to ActAvatar Audio Encode's audio input.")
+        clip_audio = conv.fit_audio(original, num_frames, fps)
         return io.NodeOutput({"samples": samples}, fps, clip_audio)
 
 
