@@ -23,6 +23,7 @@ Modes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -52,11 +53,17 @@ class PhaseSpans:
     """What a phase-encoded conditioning carries: the script, its frame rate and the block of every text token.
 
     ``block_ids`` is (S,) long: 0 for base, end and padding tokens, k for the tokens of phase k (1-based).
+    ``hide_phases`` marks phase guidance's extra pass: the same prompt with every phase block hidden from every frame.
     """
 
     script: PhaseScript
     fps: float
     block_ids: torch.Tensor
+    hide_phases: bool = False
+
+    def hidden(self) -> "PhaseSpans":
+        """The spans of phase guidance's base pass (every frame sees the base block only)."""
+        return dataclasses.replace(self, hide_phases=True)
 
     @property
     def num_phases(self) -> int:
@@ -121,8 +128,10 @@ class PhaseControlSettings:
 
 
 def specs_from_conds(conds: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[Any, PhaseSpans]:
-    """{cond uuid: spans} over every cond that carries spans (the sampler decides which passes are conditional)."""
-    return {c["uuid"]: c[PHASE_SPANS_KEY] for group in conds.values() for c in group
+    """{cond uuid: spans} over the conds of a guider's groups that carry spans, except its ``negative`` group: only
+    conditional passes are routed. (A batched call's ``cond_or_uncond`` is a position in the guider's list of
+    groups, which is not the same group in every guider, so the groups' names decide.)"""
+    return {c["uuid"]: c[PHASE_SPANS_KEY] for name, group in conds.items() if name != "negative" for c in group
             if c.get(PHASE_SPANS_KEY) is not None and "uuid" in c}
 
 
@@ -174,6 +183,8 @@ def build_routing(spans: PhaseSpans, settings: PhaseControlSettings, frames: Seq
     if not every or not frames:
         return None, frames
     total = max(max(frames) + 1, spans.clip_latent_frames(settings, sampled_frames))
+    if spans.hide_phases:  # phase guidance's base pass: hard base-only routing in every mode, as the engine's
+        return PhaseRouting(block_ids[None], [((frozenset(), 1.0),)] * total), frames
     active = spans.script.active_phases(total, spans.fps)
     feather = settings.feather if settings.mode == "feathered" else 0.0
     boundaries = sorted({t for p in spans.script.phases for t in (p.start, p.end)})
@@ -228,11 +239,11 @@ class CallPlan:
 
 
 def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *, uuids: Sequence[Any],
-              cond_or_uncond: Sequence[int], grid: Sequence[int], text_len: int,
+              grid: Sequence[int], text_len: int,
               window_indices: Sequence[int] | None = None, anchor_index: int | None = None,
               sampled_frames: int = 0, lead_tokens: int = 0) -> CallPlan | None:
-    """Which chunks of a batched call are routed and how. Only conditional chunks (``cond_or_uncond`` 0) whose
-    cond carries spans are routed; None when nothing is. ``sampled_frames`` is the latent frame count of the whole
+    """Which chunks of a batched call (one per entry of ``uuids``) are routed and how: those whose cond carries spans
+    (:func:`specs_from_conds`); None when nothing is. ``sampled_frames`` is the latent frame count of the whole
     sampling (a context window's call sees only some of them)."""
     local = clip_frame_indices(int(grid[0]), window_indices, anchor_index)
     frames = []
@@ -241,8 +252,8 @@ def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *
             break
         frames.append(f)
     routings: list[ChunkRouting | None] = []
-    for uid, kind in zip(uuids, cond_or_uncond):
-        spans = specs.get(uid) if kind == 0 else None
+    for uid in uuids:
+        spans = specs.get(uid)
         if spans is None:
             routings.append(None)
             continue
@@ -282,3 +293,10 @@ def phase_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
             parts.append(attend(q[sl, end:], k[sl], v[sl]))
         outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def phase_guidance(guided: torch.Tensor, full: torch.Tensor, base: torch.Tensor, scale: float) -> torch.Tensor:
+    """The engine's phase guidance on top of ordinary CFG: ``guided + scale * (full - base)``, where ``full`` is the
+    conditional prediction and ``base`` the same prompt with every phase hidden (predictions of one kind, x0 or
+    velocity: the term is linear)."""
+    return guided + scale * (full - base)

@@ -18,7 +18,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .audio_encode import ActAvatarAudioEncode
 from .loaders import ActAvatarAudioEncoderLoader, ActAvatarModelLoader, ActAvatarTextEncoderLoader, ActAvatarVAELoader
-from .native_phase import ActAvatarPhaseControl, ActAvatarPhaseTextEncode
+from .native_phase import ActAvatarPhaseControl, ActAvatarPhaseGuider, ActAvatarPhaseTextEncode
 from .output import ActAvatarDecode, ActAvatarSaveVideo
 from .prompt import ActAvatarPhaseEncode, ActAvatarPhasePrompt
 from .sampler import ActAvatarSampler
@@ -39,6 +39,7 @@ NODES: dict[str, tuple[type[io.ComfyNode], str]] = {
     "ActAvatarSaveVideo": (ActAvatarSaveVideo, "ActAvatar Save Video"),
     "ActAvatarPhaseTextEncode": (ActAvatarPhaseTextEncode, "ActAvatar Phase Text Encode"),
     "ActAvatarPhaseControl": (ActAvatarPhaseControl, "ActAvatar Phase Control"),
+    "ActAvatarPhaseGuider": (ActAvatarPhaseGuider, "ActAvatar Phase Guider"),
 }
 #: The node classes, in menu order.
 NODE_LIST: list[type[io.ComfyNode]] = [cls for cls, _ in NODES.values()]

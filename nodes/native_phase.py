@@ -108,7 +108,7 @@ class PlanCallWrapper:
         if options is None and len(args) >= 3:
             options = args[2]
         specs = (options or {}).get(engine.SPECS_KEY)
-        if not specs or "uuids" not in options or "cond_or_uncond" not in options:
+        if not specs or "uuids" not in options:
             return executor(x, timestep, context, *args, **kwargs)
         dm = executor.class_obj
         patch = dm.patch_size
@@ -119,7 +119,7 @@ class PlanCallWrapper:
             lead = (reference.shape[-2] // patch[1]) * (reference.shape[-1] // patch[2])  # ref_conv: kernel = stride
         window = options.get("context_window")
         plan = engine.plan_call(
-            specs, options[WRAPPER_KEY], uuids=options["uuids"], cond_or_uncond=options["cond_or_uncond"], grid=grid,
+            specs, options[WRAPPER_KEY], uuids=options["uuids"], grid=grid,
             text_len=context.shape[1], window_indices=getattr(window, "index_list", None),
             anchor_index=getattr(window, "causal_anchor_index", None),
             sampled_frames=options.get(engine.FRAMES_KEY, 0), lead_tokens=lead)
@@ -159,6 +159,63 @@ def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0, 
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, PhaseSpecsWrapper(settings))
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, PlanCallWrapper())
     return m
+
+
+# ================================================================================================ phase guidance
+_GUIDER_CLASS: list = []
+
+
+def _phase_guider_class() -> type:
+    """The guider class, built on core's CFGGuider when first needed (ComfyUI's sampler code is not imported at
+    pack import)."""
+    if _GUIDER_CLASS:
+        return _GUIDER_CLASS[0]
+    import comfy.samplers
+
+    class PhaseGuider(comfy.samplers.CFGGuider):
+        """Ordinary CFG plus the engine's phase term: one more pass per step with the positive prompt's phases
+        hidden from every frame; ``phase_cfg`` 0 (or a prompt without phases) runs plain CFG, no extra pass."""
+
+        phase_cfg = 0.0
+
+        def set_conds(self, positive, negative):
+            base = [[c, {**d, engine.PHASE_SPANS_KEY: d[engine.PHASE_SPANS_KEY].hidden()}] for c, d in positive
+                    if d.get(engine.PHASE_SPANS_KEY) is not None and d[engine.PHASE_SPANS_KEY].num_phases > 0]
+            conds = {"positive": positive, "negative": negative}
+            if base:
+                conds["phase_base"] = base
+            self.inner_set_conds(conds)
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            base = self.conds.get("phase_base")
+            if not base or self.phase_cfg == 0:
+                return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                                        self.conds.get("positive"), self.cfg,
+                                                        model_options=model_options, seed=seed)
+            positive, negative = self.conds.get("positive"), self.conds.get("negative")
+            full, uncond, hidden = comfy.samplers.calc_cond_batch(self.inner_model, [positive, negative, base], x,
+                                                                  timestep, model_options)
+            guided = comfy.samplers.cfg_function(self.inner_model, full, uncond, self.cfg, x, timestep,
+                                                 model_options=model_options, cond=positive, uncond=negative)
+            return engine.phase_guidance(guided, full, hidden, self.phase_cfg)
+
+    _GUIDER_CLASS.append(PhaseGuider)
+    return PhaseGuider
+
+
+def make_phase_guider(model: Any, positive: list, negative: list, cfg: float, phase_cfg: float) -> Any:
+    """A GUIDER for SamplerCustomAdvanced: CFG ``cfg`` plus phase guidance ``phase_cfg`` on a Phase Control model."""
+    import comfy.patcher_extension as pe
+
+    if phase_cfg != 0 and not model.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        raise ActAvatarError("Phase guidance needs a model patched by ActAvatar Phase Control.",
+                             "Put 'ActAvatar Phase Control' between the model loader and this guider, or set "
+                             "phase_cfg to 0.")
+    guider = _phase_guider_class()(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    guider.phase_cfg = float(phase_cfg)
+    return guider
 
 
 # ================================================================================================ text encoding
@@ -280,5 +337,31 @@ class ActAvatarPhaseTextEncode(io.ComfyNode):
         return io.NodeOutput(positive, neg)
 
 
+class ActAvatarPhaseGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ActAvatarPhaseGuider",
+            display_name="ActAvatar Phase Guider",
+            category="ActAvatar/native",
+            description="CFG guider for SamplerCustomAdvanced with ActAvatar's phase guidance: one more pass per step "
+                        "with every phase hidden, and phase_cfg * (with phases - without) added, which pushes towards "
+                        "the actions, each inside its window. phase_cfg 0 is plain CFG with no extra pass.",
+            inputs=[
+                io.Model.Input("model", tooltip="A model patched by ActAvatar Phase Control."),
+                io.Conditioning.Input("positive", tooltip="From ActAvatar Phase Text Encode (may pass through "
+                                                          "core's Wan nodes)."),
+                io.Conditioning.Input("negative"),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("phase_cfg", default=2.0, min=0.0, max=100.0, step=0.1, round=0.01),
+            ],
+            outputs=[io.Guider.Output(display_name="guider")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg: float = 5.0, phase_cfg: float = 2.0) -> io.NodeOutput:
+        return io.NodeOutput(make_phase_guider(model, positive, negative, cfg, phase_cfg))
+
+
 #: The V3 node classes of this module.
-NODES = [ActAvatarPhaseControl, ActAvatarPhaseTextEncode]
+NODES = [ActAvatarPhaseControl, ActAvatarPhaseTextEncode, ActAvatarPhaseGuider]

@@ -34,10 +34,11 @@ def _qkv(batch: int, frames: int, extra: int = 0, seed: int = 0):
     return q, k, v
 
 
-def _plan(frames: int, cond_or_uncond=(0,), specs=None, settings=ROUTED, **kw):
-    uuids = [f"u{i}" for i in range(len(cond_or_uncond))]
-    specs = {u: SPANS for u in uuids} if specs is None else specs
-    return N.plan_call(specs, settings, uuids=uuids, cond_or_uncond=list(cond_or_uncond), grid=(frames, 1, TPF),
+def _plan(frames: int, chunks: int = 1, specs=None, settings=ROUTED, **kw):
+    """A call of ``chunks`` batch chunks u0, u1, ...; by default only u0 (the positive) carries spans."""
+    uuids = [f"u{i}" for i in range(chunks)]
+    specs = {"u0": SPANS} if specs is None else specs
+    return N.plan_call(specs, settings, uuids=uuids, grid=(frames, 1, TPF),
                        text_len=BLOCK_IDS.numel(), **kw)
 
 
@@ -53,23 +54,26 @@ def _changed_frames(a: torch.Tensor, b: torch.Tensor, frames: int, tol: float = 
 
 def test_no_phases_or_one_phase_over_the_clip_plans_nothing():
     empty = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros(12, dtype=torch.long))
-    assert N.plan_call({"u": empty}, ROUTED, uuids=["u"], cond_or_uncond=[0], grid=(9, 1, TPF), text_len=12) is None
+    assert N.plan_call({"u": empty}, ROUTED, uuids=["u"], grid=(9, 1, TPF), text_len=12) is None
     whole = N.PhaseSpans(PhaseScript.from_compact("A man talks | 0-2.06s: waves"), FPS,
                          torch.tensor([0] * 4 + [1] * 6 + [0] * 2))
-    assert N.plan_call({"u": whole}, ROUTED, uuids=["u"], cond_or_uncond=[0], grid=(9, 1, TPF), text_len=12) is None
+    assert N.plan_call({"u": whole}, ROUTED, uuids=["u"], grid=(9, 1, TPF), text_len=12) is None
     assert _plan(9) is not None  # the two-phase script does route
 
 
 def test_only_conditional_chunks_with_spans_are_routed():
-    plan = _plan(9, cond_or_uncond=(0, 1))
+    plan = _plan(9, chunks=2)
     assert plan.routings[0] is not None and plan.routings[1] is None
-    assert _plan(9, cond_or_uncond=(1,)) is None  # a negative prompt carrying spans is still not routed
     assert _plan(9, specs={"other": SPANS}) is None  # a cond without spans
+    # a negative prompt carrying spans is still not routed: the guider's negative group is left out
+    conds = {"positive": [{"uuid": "p", N.PHASE_SPANS_KEY: SPANS}], "negative": [{"uuid": "n", N.PHASE_SPANS_KEY: SPANS}],
+             "middle": [{"uuid": "m"}]}
+    assert N.specs_from_conds(conds) == {"p": SPANS}
 
 
 def test_routed_chunk_changes_only_inside_the_phase_window_and_unrouted_chunk_is_plain():
     q, k, v = _qkv(2, 9)
-    plan = _plan(9, cond_or_uncond=(0, 1))
+    plan = _plan(9, chunks=2)
     out = N.phase_cross_attention(q, k, v, HEADS, plan, _attend)
     assert torch.equal(out[1:], _attend(q[1:], k[1:], v[1:]))  # the unconditional chunk: exactly plain attention
     for phase in (1, 2):
@@ -141,10 +145,10 @@ def test_checks_before_sampling():
 
 def test_text_length_mismatch_is_refused_and_repetition_is_followed():
     with pytest.raises(ActAvatarError, match="text context has 13 tokens"):
-        N.plan_call({"u": SPANS}, ROUTED, uuids=["u"], cond_or_uncond=[0], grid=(9, 1, TPF), text_len=13)
+        N.plan_call({"u": SPANS}, ROUTED, uuids=["u"], grid=(9, 1, TPF), text_len=13)
     # ComfyUI repeats a shorter context to batch it with a longer one: attention over repeated keys is unchanged
     q, k, v = _qkv(1, 9)
-    plan = N.plan_call({"u": SPANS}, ROUTED, uuids=["u"], cond_or_uncond=[0], grid=(9, 1, TPF), text_len=24)
+    plan = N.plan_call({"u": SPANS}, ROUTED, uuids=["u"], grid=(9, 1, TPF), text_len=24)
     out = N.phase_cross_attention(q, k.repeat(1, 2, 1), v.repeat(1, 2, 1), HEADS, plan, _attend)
     torch.testing.assert_close(out, N.phase_cross_attention(q, k, v, HEADS, _plan(9), _attend), rtol=1e-6, atol=1e-6)
 
@@ -186,3 +190,14 @@ def test_an_extension_routes_by_its_start_in_the_clip():
     N.check_before_sampling({"u": SPANS}, 5, N.PhaseControlSettings("routed", clip_seconds=2.06))
     with pytest.raises(ActAvatarError, match="start_seconds must be 0 or more"):
         N.PhaseControlSettings("routed", start_seconds=-1.0)
+
+
+def test_phase_guidance_base_pass_hides_every_phase_in_every_mode():
+    q, k, v = _qkv(1, 9)
+    base = BLOCK_IDS == 0
+    for settings in (ROUTED, N.PhaseControlSettings("relay", relay_width=3.0)):
+        plan = _plan(9, specs={"u0": SPANS.hidden()}, settings=settings)
+        out = N.phase_cross_attention(q, k, v, HEADS, plan, _attend)
+        torch.testing.assert_close(out, _attend(q, k[:, base], v[:, base]), rtol=1e-6, atol=1e-6)
+    full = torch.ones(9 * TPF, 4)
+    torch.testing.assert_close(N.phase_guidance(full, full * 3, full * 2, 0.5), full * 1.5)

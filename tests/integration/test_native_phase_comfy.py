@@ -393,3 +393,70 @@ def test_an_extension_routes_by_its_start_second(comfy, model):
         _sample(comfy, comfy.node.apply_phase_control(model, "routed"), _phased(ctx), [[neg, {}]], noise[:, :, :5])
     first = comfy.node.apply_phase_control(model, "routed", clip_seconds=2.06)
     assert _sample(comfy, first, _phased(ctx), [[neg, {}]], noise[:, :, :5]).shape[2] == 5
+
+
+def _guide(comfy, guider, noise, steps: int = 1):
+    """Run a guider the way SamplerCustomAdvanced does; returns (result, the denoised prediction of each step)."""
+    import comfy.samplers as samplers
+
+    seen = []
+    sigmas = samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "simple", steps)
+    sampler = samplers.sampler_object("euler")
+    out = guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=0, disable_pbar=True,
+                        callback=lambda step, x0, x, total: seen.append(x0.clone()))
+    return out, seen
+
+
+def test_phase_guider_adds_the_phase_term_with_one_extra_pass(comfy, model):
+    ctx, neg, noise = _inputs()
+    chunks: list = []
+
+    def recorder(apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        chunks.append(dict(zip(args["c"]["transformer_options"]["uuids"], out.chunk(len(args["cond_or_uncond"])))))
+        return out
+
+    patched = comfy.node.apply_phase_control(model, "routed")
+    patched.set_model_unet_function_wrapper(recorder)
+    import comfy.samplers as samplers
+
+    plain = samplers.CFGGuider(patched)
+    plain.set_conds(_phased(ctx), [[neg, {}]])
+    plain.set_cfg(4.0)
+    expected, _ = _guide(comfy, plain, noise)
+    chunks.clear()
+    off, _ = _guide(comfy, comfy.node.make_phase_guider(patched, _phased(ctx), [[neg, {}]], 4.0, 0.0), noise)
+    assert torch.equal(off, expected) and sum(len(c) for c in chunks) == 2  # phase_cfg 0: plain CFG, no extra pass
+    chunks.clear()
+    guider = comfy.node.make_phase_guider(patched, _phased(ctx), [[neg, {}]], 4.0, 2.0)
+    out, (x0,) = _guide(comfy, guider, noise)
+    (step,) = chunks
+    assert len(step) == 3
+    full, = [step[c["uuid"]] for c in guider.original_conds["positive"]]
+    uncond, = [step[c["uuid"]] for c in guider.original_conds["negative"]]
+    hidden, = [step[c["uuid"]] for c in guider.original_conds["phase_base"]]
+    assert not torch.equal(full, hidden)
+    # core's model calls return denoised predictions and the sampler's x0 is the guider's combination of them
+    torch.testing.assert_close(x0, uncond + (full - uncond) * 4.0 + 2.0 * (full - hidden), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(x0, uncond + (full - uncond) * 4.0)
+    with pytest.raises(ActAvatarError, match="needs a model patched by ActAvatar Phase Control"):
+        comfy.node.make_phase_guider(model, _phased(ctx), [[neg, {}]], 4.0, 2.0)
+
+
+@pytest.mark.slow
+def test_composes_with_core_torch_compile(comfy, model):
+    """Core's TorchCompileModel wrapper (APPLY_MODEL, compiling diffusion_model) over Phase Control, eager backend."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    ctx, neg, noise = _inputs()
+    patched = comfy.node.apply_phase_control(model, "routed")
+    expected = _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise)
+    compiled = patched.clone()
+    set_torch_compile_wrapper(compiled, backend="eager")
+    torch._dynamo.reset()
+    try:
+        got = _sample(comfy, compiled, _phased(ctx), [[neg, {}]], noise)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - _sample(comfy, model, [[ctx, {}]], [[neg, {}]], noise)).abs().max() > 1e-3  # routing stayed on
