@@ -123,6 +123,7 @@ EXPECTED = {
     "ActAvatarPhaseTextEncode": ("ActAvatar/native", ("CONDITIONING", "CONDITIONING")),
     "ActAvatarPhaseControl": ("ActAvatar/native", ("MODEL",)),
     "ActAvatarPhaseGuider": ("ActAvatar/native", ("GUIDER",)),
+    "ActAvatarPhaseGuider": ("ActAvatar/native", ("GUIDER",)),
 }
 
 
@@ -286,7 +287,10 @@ def test_fps_comes_from_the_phase_prompt(tiny_models, portrait, speech):
     latent, fps, clip_audio, frames, embeds = run_chain(tiny_models, audio, comfy_image(portrait), fps=24.0)
     assert fps == 24.0 and frames.shape[0] == 29  # 1.2 s * 24 = 28.8 -> 29 frames (4k+1)
     assert latent["samples"].shape[2] == 8
-    emb = embeds.embedding(24.0, 29, tiny_models.transformer.config.audio_window)
+    from actavatar_core.pipeline import window_speech
+
+    speech, _ = conv.speech_from_encoder_output(embeds)
+    emb = window_speech(speech, fps=24.0, num_frames=29, window=tiny_models.transformer.config.audio_window)
     assert emb.fps == 24.0 and emb.features.shape[1] == 8
 
 
@@ -391,22 +395,50 @@ def test_audio_encode_checks_the_speech_before_any_sampling(tiny_models):
         run(ActAvatarAudioEncode, audio=None, audio_encoder=ae)
 
 
-def test_core_audio_encoder_output_gives_the_same_windows(tiny_models, speech):
-    """AUDIO_ENCODER_OUTPUT (core's AudioEncoderEncode dict) is windowed exactly like our own encoder's features."""
-    from actavatar_core.audio import fit_waveform, load_waveform, wav2vec2_hidden_states
+def core_encoder_output(model, audio: dict) -> dict:
+    """What core's AudioEncoderEncode gives for this speech with the same wav2vec2: every hidden state of the whole
+    speech at 16 kHz (its ``encoded_audio_all_layers``), the last as ``encoded_audio``, the sample count."""
+    from actavatar_core.audio import load_waveform, wav2vec2_hidden_states
 
+    wave = load_waveform({"waveform": audio["waveform"][0], "sample_rate": audio["sample_rate"]})
+    hidden = wav2vec2_hidden_states(model, wave)  # (T, L, C)
+    return {"encoded_audio": hidden[None, :, -1], "audio_samples": wave.samples.numel(),
+            "encoded_audio_all_layers": [hidden[None, :, layer] for layer in range(hidden.shape[1])]}
+
+
+def test_audio_encode_outputs_the_speech_features_like_core(tiny_models, speech, comfy):
+    """Audio Encode runs wav2vec2 (once, here) and outputs what core's AudioEncoderEncode outputs for the same
+    encoder: all hidden states of the whole speech at 50 Hz; the Sampler only windows them."""
     _, _, _, ae = handles(tiny_models)
     audio = comfy_audio(speech)
     ours, = run(ActAvatarAudioEncode, audio=audio, audio_encoder=ae)
-    fitted = fit_waveform(load_waveform({"waveform": audio["waveform"][0], "sample_rate": 22050}), 33, 25.0)
-    hidden = wav2vec2_hidden_states(tiny_models.audio_encoder, fitted)  # (T, L, C)
-    core_output = {"encoded_audio": hidden[None, :, -1], "audio_samples": fitted.samples.numel(),
-                   "encoded_audio_all_layers": [hidden[None, :, layer] for layer in range(hidden.shape[1])]}
-    theirs, = run(ActAvatarAudioEncode, audio=audio, audio_encoder_output=core_output)
-    window = tiny_models.transformer.config.audio_window
-    a, b = ours.embedding(25.0, 33, window), theirs.embedding(25.0, 33, window)
-    assert torch.allclose(a.features, b.features, atol=1e-6) and a.features.shape == (1, 9, window, 4, 32)
-    assert theirs.source == "audio_encoder_output" and theirs.original is audio
+    core = core_encoder_output(tiny_models.audio_encoder, audio)
+    assert ours["audio_samples"] == core["audio_samples"] == round(1.2 * 16000)
+    assert len(ours["encoded_audio_all_layers"]) == len(core["encoded_audio_all_layers"]) == 4
+    for a, b in zip(ours["encoded_audio_all_layers"], core["encoded_audio_all_layers"]):
+        assert a.shape == b.shape == (1, 59, 32) and torch.equal(a, b)
+    assert torch.equal(ours["encoded_audio"], core["encoded_audio"])
+    assert [name for name, _ in comfy.loads] == ["ActAvatarWav2Vec2Model"]  # wav2vec2 ran in Audio Encode
+
+
+def test_core_audio_encoder_output_gives_the_same_clip(tiny_models, portrait, speech):
+    """Core's AUDIO_ENCODER_OUTPUT through Audio Encode (with the AUDIO) gives the same latents as our own encoder's
+    features; the Sampler reads the bare dict too (its socket stays ACTAVATAR_AUDIO), then with a silent audio out."""
+    model, te, vae, ae = handles(tiny_models)
+    audio = comfy_audio(speech)
+    core = core_encoder_output(tiny_models.audio_encoder, audio)
+    with torch.inference_mode():
+        phase, = run(ActAvatarPhasePrompt, SCRIPT, 0.0, 25.0, audio)
+        cond, = run(ActAvatarPhaseEncode, te, phase, "")
+        ours, = run(ActAvatarAudioEncode, audio=audio, audio_encoder=ae)
+        theirs, = run(ActAvatarAudioEncode, audio=audio, audio_encoder_output=core)
+        outputs = [run(ActAvatarSampler, model, cond, embeds, comfy_image(portrait), vae, **SAMPLER_DEFAULTS)
+                   for embeds in (ours, theirs, core)]
+    assert torch.equal(outputs[0][0]["samples"], outputs[1][0]["samples"])
+    assert torch.equal(outputs[0][0]["samples"], outputs[2][0]["samples"])
+    assert torch.equal(outputs[0][2]["waveform"], outputs[1][2]["waveform"])  # the speech, fitted to the clip
+    assert outputs[2][2]["waveform"].abs().max() == 0 and outputs[2][2]["waveform"].shape[-1] == round(33 / 25 * 16000)
+    assert ActAvatarSampler.INPUT_TYPES()["required"]["audio_embeds"][0] == "ACTAVATAR_AUDIO"  # saved links hold
 
 
 def test_audio_features_of_the_wrong_encoder_are_refused(tiny_models, portrait, speech, comfy):
@@ -418,19 +450,7 @@ def test_audio_features_of_the_wrong_encoder_are_refused(tiny_models, portrait, 
     with pytest.raises(WeightsError, match="13 layers of width 768") as info:
         run(ActAvatarSampler, model, cond, embeds, comfy_image(portrait), vae, **SAMPLER_DEFAULTS)
     assert "trained on 4 layers of width 32" in str(info.value) and "Fix:" in str(info.value)
-    assert comfy.progress_log == []
-
-
-def test_speech_embedding_is_memoised(tiny_models, speech):
-    calls = []
-    _, _, _, ae = handles(tiny_models)
-    embeds, = run(ActAvatarAudioEncode, audio=comfy_audio(speech), audio_encoder=ae)
-    original = embeds.encode
-    embeds.encode = lambda wave: calls.append(1) or original(wave)
-    first = embeds.embedding(25.0, 33, 8)
-    assert embeds.embedding(25.0, 33, 8) is first and len(calls) == 1
-    embeds.embedding(24.0, 29, 8)
-    assert len(calls) == 2
+    assert comfy.progress_log == [] and not any(name == "ActAvatarAutoencoderKLWan" for name, _ in comfy.loads)
 
 
 # ============================================================================================ latents
