@@ -123,7 +123,6 @@ EXPECTED = {
     "ActAvatarPhaseTextEncode": ("ActAvatar/native", ("CONDITIONING", "CONDITIONING")),
     "ActAvatarPhaseControl": ("ActAvatar/native", ("MODEL",)),
     "ActAvatarPhaseGuider": ("ActAvatar/native", ("GUIDER",)),
-    "ActAvatarPhaseGuider": ("ActAvatar/native", ("GUIDER",)),
 }
 
 
