@@ -460,3 +460,41 @@ def test_composes_with_core_torch_compile(comfy, model):
         torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - _sample(comfy, model, [[ctx, {}]], [[neg, {}]], noise)).abs().max() > 1e-3  # routing stayed on
+
+
+@pytest.mark.parametrize("mode", ["routed", "feathered", "relay"])
+def test_parity_with_the_engines_routed_processor(comfy, tmp_path, mode):
+    """The same tiny TI2V weights (two blocks) through the engine (diffusers ActAvatarTransformer, PACA with its
+    untrained zero phase embedding) and through core's WanModel with Phase Control agree within 1e-4 in fp32."""
+    from actavatar_core.attention import RelayRouting
+    from actavatar_core.loading import load_wan_transformer
+    from actavatar_core.model import ActAvatarTransformer
+    from actavatar_core.sampling import build_routing
+
+    path = tmp_path / "wan2.2_ti2v_5B_fp16.safetensors"
+    cc.write_comfy_wan_transformer(path, prefix=True, text_dim=4096, num_layers=2, dtype=torch.float32, seed=7)
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    ours = load_wan_transformer(path, dtype=torch.float32, cls=ActAvatarTransformer).eval()
+    assert not ours.phase_embedding.weight.any()
+    ctx, _, noise = _inputs(seed=11)
+    t = torch.tensor([600.0])
+    settings = N.PhaseControlSettings(mode, feather=2.0, relay_width=1.5)
+    routing = build_routing(SCRIPT, BLOCK_IDS[None], FRAMES, FPS, feather=2.0 if mode == "feathered" else 0.0)
+    engine_mode = "relay" if mode == "relay" else "routed"
+    if mode == "relay":
+        routing = RelayRouting(routing, 1.5)
+    with torch.no_grad():
+        expected = ours(noise, t, ctx, phase_ids=BLOCK_IDS[None], routing=routing, paca_mode=engine_mode,
+                        return_dict=False)[0]
+        plain = ours(noise, t, ctx, return_dict=False)[0]
+    patched = comfy.node.apply_phase_control(patcher, mode, 2.0, 1.5)
+    options = {"wrappers": patched.wrappers, N.SPECS_KEY: {"u": SPANS}, comfy.node.WRAPPER_KEY: settings,
+               N.FRAMES_KEY: FRAMES, "uuids": ["u"], "cond_or_uncond": [0]}
+    patched.patch_model()
+    try:
+        with torch.no_grad():
+            got = patched.model.diffusion_model(noise, t, ctx, transformer_options=options)
+    finally:
+        patched.unpatch_model()
+    assert (expected - plain).abs().max() > 1e-2  # the routing matters at this size
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
