@@ -67,7 +67,9 @@ class ActAvatarSampler(io.ComfyNode):
                 io.Combo.Input("paca_mode", options=list(PACA_MODES), default="learned",
                                tooltip="learned: the paper's PACA (phase embeddings); routed: ours, each frame also "
                                        "sees only its active phases (use it for weights trained routed, as the "
-                                       "bundled mini model, or never trained for phases); global: plain prompt."),
+                                       "bundled mini model, or never trained for phases); relay: every phase stays "
+                                       "visible, fading with the distance from its window (relay_width); global: "
+                                       "plain prompt."),
                 io.Float.Input("feather", default=0.0, min=0.0, max=8.0, step=0.25,
                                tooltip="Soft phase boundaries, in latent frames (0 = hard switch)."),
                 io.Combo.Input("audio_schedule", options=AUDIO_SCHEDULES, default="trained",
@@ -81,6 +83,9 @@ class ActAvatarSampler(io.ComfyNode):
                                tooltip="Phase guidance: an extra push towards the phases' actions, against the "
                                        "same prompt with its phases hidden. 0 turns it off; above 0 each step "
                                        "costs one more model pass. The bundled mini model uses 2."),
+                io.Float.Input("relay_width", default=2.0, min=0.05, max=64.0, step=0.25, optional=True,
+                               tooltip="relay mode: how far, in latent frames, a phase's words still reach outside "
+                                       "its window (Gaussian penalty; small is close to routed, large to learned)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent",
@@ -103,7 +108,8 @@ class ActAvatarSampler(io.ComfyNode):
     def execute(cls, model, conditioning, audio_embeds, image, vae, width: int, height: int, frames: int = 0,
                 steps: int = 40, text_cfg: float = 5.0, audio_cfg: float = 5.0, shift: float = 5.0, seed: int = 0,
                 sampler: str = "unipc", paca_mode: str = "learned", feather: float = 0.0,
-                audio_schedule: str = "trained", audio_gamma: float = 1.5, phase_cfg: float = 0.0) -> io.NodeOutput:
+                audio_schedule: str = "trained", audio_gamma: float = 1.5, phase_cfg: float = 0.0,
+                relay_width: float = 2.0) -> io.NodeOutput:
         from actavatar_core.limits import check_clip, limits_of
         from actavatar_core.phases import latent_frame_count
         from actavatar_core.pipeline import check_speech_features, generate_clip_latents
@@ -116,7 +122,7 @@ class ActAvatarSampler(io.ComfyNode):
         config = transformer.config
         options = SamplingOptions(steps=int(steps), text_cfg=float(text_cfg), audio_cfg=float(audio_cfg),
                                   shift=float(shift), sampler=sampler, seed=int(seed), paca_mode=paca_mode,
-                                  feather=float(feather), phase_cfg=float(phase_cfg))
+                                  feather=float(feather), phase_cfg=float(phase_cfg), relay_width=float(relay_width))
         options.check()
         check_size(int(width), int(height))
         # Every input check before any model runs.

@@ -161,6 +161,8 @@ def test_input_names_and_defaults():
     # added later: optional, so API prompts saved without it still validate, and off unless asked for
     assert "phase_cfg" not in sampler
     assert ActAvatarSampler.INPUT_TYPES()["optional"]["phase_cfg"][1]["default"] == 0.0
+    assert list(ActAvatarSampler.INPUT_TYPES()["optional"]) == ["phase_cfg", "relay_width"]
+    assert "relay_width" not in sampler and ActAvatarSampler.INPUT_TYPES()["optional"]["relay_width"][1]["default"] == 2.0
     save = ActAvatarSaveVideo.INPUT_TYPES()
     assert save["hidden"] == {"prompt": ("PROMPT",), "extra_pnginfo": ("EXTRA_PNGINFO",)} and ActAvatarSaveVideo.OUTPUT_NODE
 
