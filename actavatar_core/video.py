@@ -205,7 +205,7 @@ class Mp4Writer:
             self._audio = np.asarray(audio, dtype=np.float32)
             self._audio = (self._audio[None] if self._audio.ndim == 1 else self._audio)[:2]
             self._sample_rate = int(sample_rate)
-            self._audio_stream = self._container.add_stream("aac", rate=self._sample_rate)
+            self._audio_stream = self._container.add_stream("aac", rate=aac_rate(self._sample_rate))
             self._audio_stream.layout = "mono" if self._audio.shape[0] == 1 else "stereo"
         self.frames_written = 0
 
@@ -241,8 +241,13 @@ class Mp4Writer:
             af = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.T.reshape(1, -1)), format="flt", layout=layout)
             af.sample_rate = self._sample_rate
             af.pts = 0
-            for packet in self._audio_stream.encode(af):
-                self._container.mux(packet)
+            frames = [af]
+            if aac_rate(self._sample_rate) != self._sample_rate:  # e.g. 192 kHz studio audio: AAC stops at 96 kHz
+                resampler = av.AudioResampler(format="fltp", layout=layout, rate=aac_rate(self._sample_rate))
+                frames = resampler.resample(af) + resampler.resample(None)
+            for frame in frames:
+                for packet in self._audio_stream.encode(frame):
+                    self._container.mux(packet)
             for packet in self._audio_stream.encode(None):
                 self._container.mux(packet)
         self._container.close()
@@ -274,6 +279,16 @@ class Mp4Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._closed:
             self.abort()
+
+
+#: The sample rates an AAC stream can have (MPEG-4 sampling frequency table).
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
+
+def aac_rate(rate: int) -> int:
+    """The AAC rate the audio track is written at: the speech's own rate when AAC has it, else the next higher one
+    (96 kHz at most), so nothing audible is lost."""
+    return next((r for r in AAC_RATES if r >= rate), AAC_RATES[-1])
 
 
 def fit_audio_to_video(audio: np.ndarray, sample_rate: int, num_frames: int, fps: float) -> np.ndarray:

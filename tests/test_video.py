@@ -131,3 +131,13 @@ def test_speech_track_keeps_the_original_rate_and_channels(tmp_path, speech, rat
         {"waveform": torch.from_numpy(source)[None], "sample_rate": rate}))
     info = probe_video(path)
     assert (info["sample_rate"], info["audio_channels"]) == (rate, channels)
+
+
+@pytest.mark.parametrize("rate, written", [(192000, 96000), (37800, 44100), (11025, 11025)])
+def test_speech_at_a_rate_aac_lacks_is_written_at_the_next_aac_rate(tmp_path, speech, rate, written):
+    path = write_mp4(tmp_path / "v.mp4", np.zeros((5, 32, 32, 3), np.uint8), 5, speech(1.0, rate, 2), rate)
+    info = probe_video(path)
+    assert (info["sample_rate"], info["audio_channels"]) == (written, 2)
+    assert 1.0 <= info["audio_duration"] < 1.0 + 2048 / written
+    _, _, audio, _ = read_video(path)
+    assert np.abs(audio).max() > 0.1  # the speech, not silence
