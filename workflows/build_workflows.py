@@ -52,6 +52,7 @@ def sampler_settings() -> dict[str, Any]:
     return {"width": int(d["width"]), "height": int(d["height"]), "steps": int(d["steps"]),
             "text_cfg": float(d["text_cfg"]), "audio_cfg": float(d["audio_cfg"]), "shift": float(d["shift"]),
             "paca_mode": d.get("paca_mode", "learned"), "phase_cfg": float(d.get("phase_cfg", 0.0)),
+            "relay_width": float(d.get("relay_width", 2.0)),
             "fps": float(d["fps"])}
 
 
@@ -227,7 +228,7 @@ def base_graph() -> list[Node]:
              {"width": d["width"], "height": d["height"], "frames": 0, "steps": d["steps"], "text_cfg": d["text_cfg"],
               "audio_cfg": d["audio_cfg"], "shift": d["shift"], "seed": 42, "sampler": "unipc",
               "paca_mode": d["paca_mode"], "feather": 0.0, "audio_schedule": "trained",
-              "audio_gamma": 1.5, "phase_cfg": d["phase_cfg"]},
+              "audio_gamma": 1.5, "phase_cfg": d["phase_cfg"], "relay_width": d["relay_width"]},
              {"model": (1, 0), "conditioning": (8, 0), "audio_embeds": (9, 0), "image": (5, 0), "vae": (3, 0)}),
         Node(11, "ActAvatarDecode", "ActAvatar Decode", (1720, 40), (300, 110),
              {"chunk_latent_frames": 4}, {"vae": (3, 0), "latent": (10, 0)}),
