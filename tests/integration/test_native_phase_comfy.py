@@ -498,3 +498,48 @@ def test_parity_with_the_engines_routed_processor(comfy, tmp_path, mode):
         patched.unpatch_model()
     assert (expected - plain).abs().max() > 1e-2  # the routing matters at this size
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def s2v_model(comfy):
+    """Core's ModelPatcher of a tiny one-block Wan2.2 S2V model (ComfyUI's WanModel_S2V, core's state-dict loader)."""
+    from comfy.ldm.wan.model import WanModel_S2V
+    import comfy.ops
+
+    g = torch.Generator().manual_seed(4)
+    net = WanModel_S2V(dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096, in_dim=16, out_dim=16,
+                       audio_inject_layers=[0], operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    sd = {}
+    for key, value in net.state_dict().items():
+        if ".norm" in key and key.endswith(".weight"):
+            sd[key] = 1 + 0.1 * torch.randn(value.shape, generator=g)
+        else:
+            sd[key] = torch.randn(value.shape, generator=g) / max(1.0, value.shape[-1] ** 0.5)
+    patcher = comfy.sd.load_diffusion_model_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()},
+                                                       model_options={"dtype": torch.float32})
+    assert type(patcher.model.diffusion_model).__name__ == "WanModel_S2V"
+    return patcher
+
+
+def test_s2v_routes_its_video_frames_by_time(comfy, s2v_model):
+    """S2V (no grid in the transformer options; the reference image's tokens appended after the video's, unrouted):
+    bit-exact without phases, and phase k's tokens change exactly the frames of its window."""
+    ctx, neg, _ = _inputs()
+    g = torch.Generator().manual_seed(8)
+    noise = torch.randn(1, 16, FRAMES, 4, 4, generator=g)
+    ref = {"reference_latents": [torch.randn(1, 16, 1, 4, 4, generator=g)]}
+    negative = [[neg, dict(ref)]]
+
+    def pos(c, spans):
+        return [[c, {**ref, N.PHASE_SPANS_KEY: spans}]]
+
+    plain = _sample(comfy, s2v_model, [[ctx, dict(ref)]], negative, noise)
+    patched = comfy.node.apply_phase_control(s2v_model, "routed")
+    none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
+    assert torch.equal(_sample(comfy, patched, pos(ctx, none), negative, noise), plain)
+    base = _sample(comfy, patched, pos(ctx, SPANS), negative, noise)
+    assert not torch.equal(base, plain)
+    for phase in (1, 2):
+        other = ctx.clone()
+        other[:, BLOCK_IDS == phase] += 0.5
+        assert _changed_frames(base, _sample(comfy, patched, pos(other, SPANS), negative, noise)) == _window_frames(phase)
