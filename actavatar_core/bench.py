@@ -72,7 +72,7 @@ def bench_paca(frames: int = 16, tokens_per_frame: int = 220, heads: int = 24, h
     import torch
     from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
-    from .attention import PACAProcessor, token_frame_index
+    from .attention import PACAProcessor, RelayRouting, token_frame_index
     from .phases import PhaseScript
     from .sampling import build_routing
 
@@ -96,6 +96,7 @@ def bench_paca(frames: int = 16, tokens_per_frame: int = 220, heads: int = 24, h
     plain, paca = WanAttnProcessor(), PACAProcessor()
     hard = build_routing(script, ids, frames, fps, 0.0)
     soft = build_routing(script, ids, frames, fps, 2.0)
+    relay = RelayRouting(hard, 2.0)  # its (frames x tokens) table is cached on the routing, as the model reuses it
     with torch.no_grad():  # the model adds the phase embedding to the context once per forward, not per layer
         phased = ctx + embedding(ids)
     modes: dict[str, Callable[[], Any]] = {
@@ -104,6 +105,7 @@ def bench_paca(frames: int = 16, tokens_per_frame: int = 220, heads: int = 24, h
         "learned": lambda: paca(attn, x, phased),
         "routed": lambda: paca(attn, x, phased, routing=hard, token_frame=tf),
         "routed feather=2": lambda: paca(attn, x, phased, routing=soft, token_frame=tf),
+        "relay width=2": lambda: paca(attn, x, phased, routing=relay, token_frame=tf),
     }
     times: dict[str, list[float]] = {m: [] for m in modes}
     with torch.no_grad():
@@ -117,13 +119,17 @@ def bench_paca(frames: int = 16, tokens_per_frame: int = 220, heads: int = 24, h
     with torch.no_grad():
         embed_ms = statistics.median(_timed(lambda: ctx + embedding(ids), device) for _ in range(repeats)) * 1000
     routed = [r for r in rows if r["mode"] == "routed"]
+    relayed = [r for r in rows if r["mode"].startswith("relay")]
     return {"shape": {"video_tokens": frames * tokens_per_frame, "latent_frames": frames, "tokens_per_frame": tokens_per_frame,
                       "dim": dim, "heads": heads, "text_len": text_len, "phases": phases, "dtype": dtype, "device": str(device),
                       "runs": len(hard.runs(tf))},
             "rows": rows, "phase_embedding_once_per_forward_ms": embed_ms,
             "target": "routed within 1.05x of plain cross-attention in time and memory",
             "met": None if any(r["memory_ratio"] is None for r in routed)
-            else all(r["time_ratio"] <= 1.05 and r["memory_ratio"] <= 1.05 for r in routed)}
+            else all(r["time_ratio"] <= 1.05 and r["memory_ratio"] <= 1.05 for r in routed),
+            "relay_target": "relay within 1.15x of plain cross-attention in time and 1.10x in memory",
+            "relay_met": None if any(r["memory_ratio"] is None for r in relayed)
+            else all(r["time_ratio"] <= 1.15 and r["memory_ratio"] <= 1.10 for r in relayed)}
 
 
 def _rows(times: dict[str, list[float]], memory: dict[str, float], base: str) -> list[dict[str, Any]]:
@@ -152,6 +158,9 @@ def format_paca(result: dict[str, Any]) -> str:
                  f"{result['phase_embedding_once_per_forward_ms']:.2f} ms, outside the rows)")
     verdict = {True: "MET", False: "NOT MET", None: "memory not measurable at this size"}[result["met"]]
     lines.append(f"target: {result['target']}: {verdict}")
+    if "relay_met" in result:
+        verdict = {True: "MET", False: "NOT MET", None: "memory not measurable at this size"}[result["relay_met"]]
+        lines.append(f"target: {result['relay_target']}: {verdict}")
     return "\n".join(lines)
 
 

@@ -233,6 +233,7 @@ def test_bench_paca_times_every_mode_against_plain_cross_attention(tmp_path):
 
     result = json.loads(out.read_text())
     assert [r["mode"] for r in result["rows"]] == ["plain cross-attention", "global", "learned", "routed",
-                                                   "routed feather=2"]
+                                                   "routed feather=2", "relay width=2"]
+    assert "relay_met" in result and "1.15x" in result["relay_target"]
     assert result["shape"]["video_tokens"] == 24 and result["shape"]["dim"] == 16
     assert all(r["time_ms"] > 0 for r in result["rows"]) and result["phase_embedding_once_per_forward_ms"] > 0
