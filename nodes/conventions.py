@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 import wave as wave_module
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the engine's pipeline imports diffusers: only the nodes tha
 
 from actavatar_core.audio import SAMPLE_RATE, features_from_layers, load_waveform
 from actavatar_core.errors import (
-    AudioInputError, ClipTooLongError, ImageInputError, PhaseScriptError, SizeError, WeightsError,
+    AudioInputError, ClipTooLongError, ImageInputError, PhaseScriptError, SizeError,
 )
 from actavatar_core.phases import DEFAULT_FPS, PhaseScript, frames_for_duration, latent_frame_count
 from actavatar_core.video import fit_audio_to_video, safe_output_path
