@@ -19,7 +19,9 @@ or as a pytest fixture in a test module::
         assert comfy.get_json("/object_info/ActAvatarPhasePrompt")
 
 Environment: ``COMFYUI_DIR`` (required, a ComfyUI checkout with main.py), ``COMFYUI_PYTHON`` (the interpreter to
-run it with; default: the one running the tests), ``COMFYUI_KEEP_BASE=1`` (keep the temporary base directory).
+run it with; default: the one running the tests), ``COMFYUI_KEEP_BASE=1`` (keep the temporary base directory),
+``COMFYUI_FRONTEND_ROOT`` (serve this frontend build instead of the installed ``comfyui-frontend-package``: the
+``static`` folder of another release, passed as ``--front-end-root``).
 """
 
 from __future__ import annotations
@@ -57,11 +59,31 @@ def require_comfy_dir() -> Path:
     """The ComfyUI checkout to test against, or skip the test with the reason."""
     raw = os.environ.get("COMFYUI_DIR")
     if not raw:
-        pytest.skip("COMFYUI_DIR is not set (point it at a ComfyUI v0.8.0 checkout to run this test)")
+        pytest.skip("COMFYUI_DIR is not set (point it at a ComfyUI 0.33.0 or newer checkout to run this test)")
     path = comfy_dir_from_env()
     if path is None:
         pytest.skip(f"COMFYUI_DIR={raw} is not a ComfyUI checkout (no main.py / comfy/)")
     return path
+
+
+def frontend_root_from_env() -> Path | None:
+    """COMFYUI_FRONTEND_ROOT: a frontend build (a folder with index.html) to serve instead of the installed one."""
+    raw = os.environ.get("COMFYUI_FRONTEND_ROOT")
+    if not raw:
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not (path / "index.html").is_file():
+        raise FileNotFoundError(f"COMFYUI_FRONTEND_ROOT={raw} has no index.html. Fix: point it at the static folder "
+                                "of a comfyui-frontend-package (pip install --target DIR comfyui-frontend-package; "
+                                "DIR/comfyui_frontend_package/static)")
+    return path
+
+
+def frontend_version(root: Path) -> str | None:
+    """The version of a comfyui-frontend-package installed with ``pip install --target`` (its dist-info name)."""
+    for info in root.parent.parent.glob("comfyui_frontend_package-*.dist-info"):
+        return info.name[len("comfyui_frontend_package-"):-len(".dist-info")]
+    return None
 
 
 def free_port() -> int:
@@ -225,6 +247,7 @@ def start_comfy(
         "--base-directory", str(base),
         "--database-url", f"sqlite:///{base / 'comfyui.db'}",
         *(["--disable-api-nodes"] if disable_api_nodes else []),
+        *(["--front-end-root", str(frontend)] if (frontend := frontend_root_from_env()) else []),
         *extra_args,
     ]
     env = {**os.environ, **(env or {})}

@@ -1,4 +1,4 @@
-"""Parity with ComfyUI's own implementation (ComfyUI v0.8.0 at ``COMFYUI_DIR``).
+"""Parity with ComfyUI's own implementation (ComfyUI 0.33.0 or newer at ``COMFYUI_DIR``).
 
 For each community file kind: the tiny file written by ``community_checkpoints`` has exactly the tensor names and
 shapes of ``state_dict()`` of ComfyUI's model class, ComfyUI's class loads it strictly, and our loader's model
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 COMFY_DIR = os.environ.get("COMFYUI_DIR", "")
 if not COMFY_DIR:
-    pytest.skip("COMFYUI_DIR is not set: point it at a ComfyUI v0.8.0 checkout (e.g. COMFYUI_DIR=/work/ComfyUI) "
+    pytest.skip("COMFYUI_DIR is not set: point it at a ComfyUI 0.33.0 or newer checkout "
                 "to run the ComfyUI parity tests", allow_module_level=True)
 if not (Path(COMFY_DIR) / "comfy" / "ldm" / "wan" / "model.py").is_file():
     pytest.skip(f"COMFYUI_DIR={COMFY_DIR!r} is not a ComfyUI checkout (no comfy/ldm/wan/model.py)",
