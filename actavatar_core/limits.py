@@ -9,6 +9,10 @@ computed from the model's own config and checked before anything loads or runs:
   (163.7 s at 25 fps);
 * width and height: ``rope_max_seq_len * patch`` tokens of ``VAE stride x patch`` pixels (32768 px for Wan2.2).
 
+The other candidates were checked and set no hard limit: wav2vec2's positions are a convolution, umT5's are
+relative buckets (the 512-token prompt bound is the phase script's), the VAE streams frames causally, and an
+audio rate AAC lacks is resampled by the MP4 writer.
+
 ``check_clip`` raises :class:`ClipTooLongError` / :class:`~actavatar_core.errors.SizeError` with the longest clip at
 the chosen fps and what to do. ``MAX_FRAMES`` and ``MAX_SIZE_PX`` are the limits of the Wan2.2 config every
 shipped model uses (the node widgets' maxima).

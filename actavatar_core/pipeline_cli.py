@@ -239,6 +239,8 @@ def read_phases(value: str) -> str:
                 "'base | 0-2s: action'.")
     if path.is_dir():
         raise PhaseScriptError(f"The phase script '{value}' is a directory, not a file.", text_fix)
+    if path.exists() and not path.is_file():
+        raise PhaseScriptError(f"The phase script '{value}' is not a regular file (a device or a pipe).", text_fix)
     if not path.is_file():
         raise PhaseScriptError(f"The phase script file '{value}' does not exist.", text_fix)
     try:
@@ -268,6 +270,9 @@ def _read_audio(source: Any) -> Any:
     if Path(source).is_dir():
         raise AudioInputError(f"The audio file '{source}' is a directory, not an audio file.",
                               "Give the path of a WAV, MP3, FLAC, OGG, M4A or MP4 file inside it.")
+    if Path(source).exists() and not Path(source).is_file():
+        raise AudioInputError(f"The audio file '{source}' is not a regular file (a device or a pipe).",
+                              "Give the path of a WAV, MP3, FLAC, OGG, M4A or MP4 file.")
     data, rate = decode_audio_file(source)
     return {"waveform": torch.from_numpy(data)[None], "sample_rate": rate}
 

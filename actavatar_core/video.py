@@ -34,6 +34,9 @@ def load_image(source: "str | os.PathLike | np.ndarray | Any") -> np.ndarray:
         if path.is_dir():
             raise ImageInputError(f"The reference image '{path}' is a directory, not an image file.",
                                   "Give the path of a PNG, JPEG or WebP file inside it.")
+        if path.exists() and not path.is_file():
+            raise ImageInputError(f"The reference image '{path}' is not a regular file (a device or a pipe).",
+                                  "Give the path of a PNG, JPEG or WebP file.")
         if not path.is_file():
             raise ImageInputError(f"The reference image '{path}' does not exist.", "Check the path; use a PNG, JPEG or WebP file.")
         try:
