@@ -1,6 +1,6 @@
 """``actavatar bench``: ``paca`` measures the cost of each PACA mode against plain cross-attention; ``timestep`` the
 time conditioning per latent frame against Wan2.2 TI2V's per token; ``method`` runs the mini-scale ablation on the
-held-out synthetic test set (see ``actavatar_core.evaluation``)."""
+held-out synthetic test set (``actavatar_lab.evaluation``, the research harness)."""
 
 from __future__ import annotations
 
@@ -250,9 +250,9 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     if rest[0] == "method":
-        from .evaluation import main as method_main
+        from .cli import run_module
 
-        return method_main(rest)
+        return run_module("actavatar_lab.evaluation", rest, "bench method")
     if rest[0] == "timestep":
         p = _parser("timestep", repeats=3)
         p.add_argument("--dim", type=int, default=3072)

@@ -38,9 +38,9 @@ def generate_clip(models: Any, annotation: dict[str, Any], dataset: Path, *, ste
                   paca_mode: str, phased_prompt: bool = True, seed: int = 0, negative: str = "",
                   shift: float = 5.0, phase_cfg: float = 0.0) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Generate one test clip from its first frame, its audio and its phase script."""
-    from .pipeline import ActAvatarPipeline, GenerationRequest
-    from .sampling import SamplingOptions
-    from .video import read_video
+    from actavatar_core.pipeline import ActAvatarPipeline, GenerationRequest
+    from actavatar_core.sampling import SamplingOptions
+    from actavatar_core.video import read_video
 
     frames, fps, audio, rate = read_video(dataset / annotation["video"])
     reference = frames[0]
@@ -74,7 +74,7 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
                                                          seed=k, shift=shift, phase_cfg=phase_cfg)
             results.append(evaluate_clip(frames, audio, rate, ann, reference=ref))
             if save_dir is not None and k < 4:
-                from .video import write_mp4
+                from actavatar_core.video import write_mp4
 
                 write_mp4(save_dir / f"{name.replace(' ', '_')}_{ann['id']}.mp4", frames, ann["fps"], audio, rate)
         summary = aggregate(results)
@@ -92,8 +92,9 @@ def _test_annotations(test_set: Path, clips: int | None = None) -> list[dict[str
 
 def _score_test_clips(test_set: Path, clips: int | None, transform: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
     """The detectors on ``transform`` of each test clip's frames, against its own first frame."""
+    from actavatar_core.video import read_video
+
     from .synth.metrics import aggregate, evaluate_clip
-    from .video import read_video
 
     results = []
     for ann in _test_annotations(test_set, clips):
@@ -116,7 +117,7 @@ def score_reconstruction(models: Any, test_set: Path, clips: int | None = None) 
     transformer could reach, since everything it makes comes out through that decoder."""
     import torch
 
-    from .vae import decode_latents, encode_video, frames_to_tensor
+    from actavatar_core.vae import decode_latents, encode_video, frames_to_tensor
 
     def through_vae(frames: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -184,8 +185,8 @@ def seed_variant_from_base(base_run: Path, variant_dir: Path) -> None:
 def run_ablation(base_run: Path, dataset: Path, test_set: Path, out: Path, *, stage1_steps: int, stage2_steps: int,
                  clips: int, steps: int, text_cfg: float, audio_cfg: float, shift: float = 5.0,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    from .training.config import config_from_dict
-    from .training.recipe import run_training
+    from actavatar_core.training.config import config_from_dict
+    from .recipe import run_training
 
     configs = ablation_configs(base_run, dataset, out, stage1_steps, stage2_steps)
     trained: dict[str, Any] = {}
@@ -223,8 +224,10 @@ def load_ablation_runs(folder: Path, variants: "list[str] | None" = None) -> tup
     """Variants trained elsewhere (one finished run folder per variant, named as in :data:`ABLATION_ROWS`), with a
     summary of how each was trained (batch, steps per stage, its own generation defaults) for the table's caption.
     ``variants`` picks some of them (default: all five)."""
-    from .errors import ActAvatarError
-    from .training.recipe import load_trained_run, read_run_config
+    from actavatar_core.errors import ActAvatarError
+    from actavatar_core.training.runs import read_run_config
+
+    from .recipe import load_trained_run
 
     names = sorted(variants or ABLATION_VARIANTS)
     unknown = [n for n in names if n not in ABLATION_VARIANTS]
@@ -247,7 +250,7 @@ def load_ablation_runs(folder: Path, variants: "list[str] | None" = None) -> tup
 
 def run_guidance(recipes: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """Each variant's own (text, audio) guidance from its run's generation defaults, for ``--ablation-guidance run``."""
-    from .errors import ActAvatarError
+    from actavatar_core.errors import ActAvatarError
 
     out = {}
     for name, recipe in recipes.items():
@@ -315,8 +318,8 @@ def main(argv: list[str]) -> int:
     if (args.ablation_variants or args.ablation_guidance != "model") and not args.ablation_runs:
         p.error("--ablation-variants and --ablation-guidance apply to --ablation-runs (scoring trained variants)")
 
-    from .defaults import load_default_models
-    from .bundle import load_model_folder
+    from actavatar_core.bundle import load_model_folder
+    from actavatar_core.defaults import load_default_models
 
     test_set = ensure_test_set(args.test_set, args.clips)
     if args.model:

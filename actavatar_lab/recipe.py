@@ -1,23 +1,26 @@
-"""Putting a run together: the models a config asks for, the mini recipe's VAE stage, preprocessing, the stages,
-and the export of the trained model folder."""
+"""The mini recipe: the mini model's encoders built from scratch (SentencePiece vocabulary from the prompts,
+small umT5/wav2vec2/VAE configs), its stand-in VAE stages, the synthetic dataset when a config asks for it, and the
+whole run (every configured stage in order). The parts that do not depend on the model's size (config, cache,
+loss, the stage trainer, validation samples, export) are the engine's :mod:`actavatar_core.training`."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from ..bundle import ActAvatarModels
-from .config import TrainConfig
-from .data import Annotation, global_prompt, preprocess, read_annotations, CachedClips
+from actavatar_core.bundle import ActAvatarModels
+from actavatar_core.training.config import TrainConfig
+from actavatar_core.training.data import Annotation, CachedClips, global_prompt, preprocess, read_annotations
+from actavatar_core.training.runs import (frozen_encoders_on_accelerator, load_models, load_stage_weights,
+                                          make_validator, read_run_config, training_device)
 
 #: Small configurations of the real classes for the mini model (trained from scratch on this CPU). The geometry is
 #: Wan2.2-TI2V-5B's: a four-stage Wan2.2 VAE (48 latent channels, stride 16 x 16 x 4) and 2x2 patches, so one token
@@ -45,7 +48,7 @@ MINI_WAV2VEC2 = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
 # ---------------------------------------------------------------------------------------------- tokenizer
 def prompt_corpus(annotations: list[Annotation]) -> list[str]:
     """Every text the mini model will be prompted with, for the SentencePiece vocabulary."""
-    from ..text import assemble_prompt
+    from actavatar_core.text import assemble_prompt
 
     lines = set()
     for a in annotations:
@@ -90,22 +93,8 @@ def build_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[
     init = cfg.models.get("init", "mini-scratch")
     if init == "mini-scratch":
         return _mini_models(cfg, annotations, log)
-    if init == "folder":
-        from ..bundle import load_model_folder
-
-        models = load_model_folder(cfg.models["folder"])
-        return models, models.transformer
-    if init == "files":
-        from .. import loading
-        from ..model import build_from_weights
-
-        files = cfg.models["files"]
-        base = loading.load_wan_transformer(files["transformer"])
-        transformer = build_from_weights(base, files.get("actavatar"))
-        vae = loading.load_wan_vae(files["vae"])
-        text_encoder, tokenizer = loading.load_umt5(files["text_encoder"])
-        audio_encoder, audio_cfg = loading.load_wav2vec2(files["audio_encoder"])
-        return ActAvatarModels(transformer, vae, text_encoder, tokenizer, audio_encoder, audio_cfg), transformer
+    if init in ("folder", "files"):
+        return load_models(cfg)
     raise ValueError(f"unknown models.init {init!r}; choose mini-scratch, folder or files")
 
 
@@ -113,8 +102,8 @@ def _mini_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
 
-    from ..convert.spm import build_tokenizer
-    from ..model import ActAvatarTransformer
+    from actavatar_core.convert.spm import build_tokenizer
+    from actavatar_core.model import ActAvatarTransformer
 
     folder = models_dir(cfg)
     tcfg = {**MINI_TRANSFORMER, **cfg.models.get("transformer", {})}
@@ -160,7 +149,7 @@ def _count(module: torch.nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------- VAE stage
 def _frame_pool(annotations: list[Annotation]) -> list[np.ndarray]:
     """The frames of the first 200 clips, held in memory for the VAE stages."""
-    from ..video import read_video
+    from actavatar_core.video import read_video
 
     return [read_video(a.video)[0] for a in annotations[: min(len(annotations), 200)]]
 
@@ -169,7 +158,7 @@ def _clip_batch(pool: list[np.ndarray], rng: np.random.Generator, batch: int, fr
                 crop: int | None) -> torch.Tensor:
     """(batch, 3, frames, crop, crop) random clips in [-1, 1]; crops start on the 16-pixel latent grid. The VAE is
     convolutional: crops train it for the whole frame, cheaper."""
-    from ..vae import frames_to_tensor
+    from actavatar_core.vae import frames_to_tensor
 
     clips = []
     for _ in range(batch):
@@ -197,7 +186,7 @@ def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -
 def vae_autocast(cfg: TrainConfig, device: torch.device, stage: str) -> torch.autocast:
     """bf16 autocast for a VAE stage when its ``mixed_precision`` resolves to bf16 (fp16 would need loss scaling:
     fp32)."""
-    from .trainer import resolve_mixed_precision
+    from actavatar_core.training.trainer import resolve_mixed_precision
 
     return torch.autocast(device.type, dtype=torch.bfloat16,
                           enabled=resolve_mixed_precision(cfg.stage_mixed_precision(stage), device) == "bf16")
@@ -210,7 +199,7 @@ def train_vae(cfg: TrainConfig, vae: Any, annotations: list[Annotation], log: Ca
     causal VAE trained on short clips drifts when it decodes a whole video."""
     from tqdm import tqdm
 
-    from ..vae import frames_to_tensor
+    from actavatar_core.vae import frames_to_tensor
 
     folder = models_dir(cfg) / "vae_trained"
     if (folder / "config.json").is_file():
@@ -263,8 +252,8 @@ def train_vae_decoder(cfg: TrainConfig, vae: Any, annotations: list[Annotation],
     whole frames, with the loss weighted towards what moves in the clip (mouth, hands) when ``motion_weight`` > 0."""
     from tqdm import tqdm
 
-    from .flow import motion_weights, weighted_mean
-    from .trainer import lr_factor
+    from actavatar_core.training.flow import motion_weights, weighted_mean
+    from actavatar_core.training.trainer import lr_factor
 
     folder = models_dir(cfg) / "vae_tuned"
     if (folder / "config.json").is_file():
@@ -323,7 +312,7 @@ def ensure_dataset(cfg: TrainConfig, log: Callable[[str], None] = print, *, data
     dataset, synth = (dataset, synth) if dataset is not None else (cfg.dataset, cfg.synth)
     if (Path(dataset) / "annotations.jsonl").is_file() or not synth:
         return
-    from ..synth.writer import write_dataset
+    from .synth.writer import write_dataset
 
     log(f"generating the synthetic dataset in {dataset}")
     s = dict(synth)
@@ -333,37 +322,12 @@ def ensure_dataset(cfg: TrainConfig, log: Callable[[str], None] = print, *, data
                   split=s.get("split", "train"), workers=int(s.get("workers", 1)), voice=s.get("voice", "synthetic"))
 
 
-def training_device() -> torch.device:
-    """The GPU of this process (torchrun's LOCAL_RANK) when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def frozen_encoders_on_accelerator(*modules: torch.nn.Module) -> Iterator[None]:
-    """Encode the cache on the GPU when there is one (the real Wan VAE is far too slow on a CPU), then hand the
-    memory back to training: the encoders return to the CPU afterwards, since the stages never run them."""
-    device = training_device()
-    if device.type == "cpu":
-        yield
-        return
-    for m in modules:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.to("cpu")
-        torch.cuda.empty_cache()
-
-
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True,
                  on_checkpoint: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run every configured stage in order (finished stages are skipped, an interrupted one resumes)."""
     from accelerate import PartialState
 
-    from .trainer import StageRunner
+    from actavatar_core.training.trainer import StageRunner
 
     started = time.time()
     out = Path(cfg.output_dir)
@@ -434,23 +398,10 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
     return {"report": report, "models": models}
 
 
-def read_run_config(run_dir: "str | Path") -> TrainConfig:
-    """The config a run folder was trained with (its ``config.json``), pointed at where the folder is now."""
-    from ..errors import ActAvatarError
-
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise ActAvatarError(f"'{run}' has no config.json, so it is not a training run folder.",
-                             "Point at the output_dir of an `actavatar train` run.")
-    cfg = TrainConfig.from_json(json.loads((run / "config.json").read_text()))
-    cfg.output_dir = str(run)
-    return cfg
-
-
 def load_trained_run(run_dir: "str | Path") -> ActAvatarModels:
     """A finished run's model straight from its folder (``config.json``, ``models/`` and the last stage's weights),
     without its dataset or cache: how runs trained on another machine (a lent GPU, a cluster) are scored here."""
-    from ..errors import ActAvatarError
+    from actavatar_core.errors import ActAvatarError
 
     run = Path(run_dir)
     cfg = read_run_config(run)
@@ -467,52 +418,3 @@ def load_trained_run(run_dir: "str | Path") -> ActAvatarModels:
     load_stage_weights(transformer, run / stages[-1])
     models.transformer = transformer.eval()
     return models
-
-
-def make_validator(cfg: TrainConfig, models: ActAvatarModels, ann: Annotation) -> Callable[[str, int, Any], Path] | None:
-    """Periodic validation samples: the first clip of the dataset generated from its first frame, audio and script
-    with the weights of the moment, written to ``output_dir/samples/<stage>_<step>.mp4``. Sampling draws its noise
-    from its own seeded generator, so validation does not disturb training's random streams (exact resume holds)."""
-    if not cfg.validate_every:
-        return None
-    from ..pipeline import ActAvatarPipeline, GenerationRequest
-    from ..sampling import SamplingOptions
-    from ..video import read_video
-
-    frames, _, audio, rate = read_video(ann.video)
-    samples = Path(cfg.output_dir) / "samples"
-
-    def validate(stage: str, step: int, transformer: Any) -> Path:
-        phased = cfg.stage_config(stage).prompt == "phased"
-        request = GenerationRequest(
-            image=frames[0], audio={"waveform": audio[None], "sample_rate": rate}, phases=ann.script,
-            width=frames.shape[2], height=frames.shape[1], fps=ann.fps, num_frames=ann.num_frames, negative="",
-            phased_prompt=phased, options=SamplingOptions(steps=cfg.validate_steps, text_cfg=3.0, audio_cfg=2.0,
-                                                          shift=cfg.shift, seed=0,
-                                                          paca_mode=cfg.paca_mode if phased else "global"))
-        bundle = ActAvatarModels(transformer, models.vae, models.text_encoder, models.tokenizer, models.audio_encoder,
-                                 models.audio_config, models.info)
-        with torch.no_grad():
-            return ActAvatarPipeline(bundle).generate_to_file(request, samples / f"{stage}_{step:06d}.mp4",
-                                                              overwrite=True).path
-
-    return validate
-
-
-def load_stage_weights(transformer: Any, stage_dir: Path) -> None:
-    """Load a finished stage's weights into the transformer (in place)."""
-    from ..model import apply_actavatar_weights, read_actavatar_weights
-
-    tensors, meta = read_actavatar_weights(stage_dir / "final.safetensors")
-    apply_actavatar_weights(transformer, tensors, meta, f"{stage_dir.name}/final.safetensors")
-
-
-def export_model(models: ActAvatarModels, folder: "str | Path", info: dict[str, Any]) -> Path:
-    """The trained model as an ActAvatar model folder (what ``--model-dir`` and the bundled default load)."""
-    from ..bundle import save_model_folder
-
-    spm = models.info.get("spiece_model")
-    out = save_model_folder(models, folder, info=info)
-    if spm:
-        (Path(out) / "tokenizer" / "spiece.model").write_bytes(spm)
-    return Path(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="actavatar train", description="Two-stage ActAvatar training (see the README's Training section and actavatar_core/training/config.py).")
+    p = argparse.ArgumentParser(prog="actavatar train", description="Two-stage ActAvatar training (see the README's Training section and actavatar_core/training/config.py; the mini model's config is actavatar_lab/configs/mini.json).")
     p.add_argument("--config", required=True, help="training config (JSON)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--export", default=None, help="write the trained model folder here (default: OUTPUT_DIR/model)")
@@ -18,9 +18,11 @@ def main(argv: list[str]) -> int:
                         "a stage that pins its own, as the mini recipe's VAE stages do, keeps it")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv[1:])
-    from ..errors import ActAvatarError
-    from .config import load_config
-    from .recipe import export_model, run_training
+    from actavatar_core.errors import ActAvatarError
+    from actavatar_core.training.config import load_config
+    from actavatar_core.training.runs import export_model
+
+    from .recipe import run_training
 
     overrides = {k: v for k, v in (("output_dir", args.output_dir), ("mixed_precision", args.mixed_precision)) if v}
     overrides = overrides or None

@@ -13,7 +13,7 @@ from test_training import SMALL  # noqa: E402  (the tiny model sizes of the trai
 from accelerate import PartialState  # noqa: E402
 
 from actavatar_core.training.config import config_from_dict  # noqa: E402
-from actavatar_core.training.recipe import run_training  # noqa: E402
+from actavatar_lab.recipe import run_training  # noqa: E402
 
 out, dataset = Path(sys.argv[1]), sys.argv[2]
 cfg = config_from_dict({

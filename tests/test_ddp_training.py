@@ -9,7 +9,7 @@ from torchrun_helper import run_two_processes
 
 @pytest.mark.slow
 def test_two_process_ddp_training_ends_with_one_model(tmp_path):
-    from actavatar_core.synth.writer import write_dataset
+    from actavatar_lab.synth.writer import write_dataset
 
     dataset = tmp_path / "data"
     write_dataset(dataset, clips=4, seed=0, size=64, fps=25.0, duration=1.0, workers=1, voice="synthetic")

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from actavatar_core.synth import IDLE, detect_video, make_clip
-from actavatar_core.synth.actions import ACTIONS, Pose, action_pose, rest_pose
-from actavatar_core.synth.detect import OTHER, Calibration, detect_frame
-from actavatar_core.synth.identity import sample_identity
-from actavatar_core.synth.metrics import (aggregate, evaluate_clip, hit_at_segment, identity_consistency, lip_sync,
+from actavatar_lab.synth import IDLE, detect_video, make_clip
+from actavatar_lab.synth.actions import ACTIONS, Pose, action_pose, rest_pose
+from actavatar_lab.synth.detect import OTHER, Calibration, detect_frame
+from actavatar_lab.synth.identity import sample_identity
+from actavatar_lab.synth.metrics import (aggregate, evaluate_clip, hit_at_segment, identity_consistency, lip_sync,
                                           spurious_action_rate, temporal_iou)
-from actavatar_core.synth.render import render_frame
-from actavatar_core.synth.writer import split_seeds
+from actavatar_lab.synth.render import render_frame
+from actavatar_lab.synth.writer import split_seeds
 
 #: Held-out clips: the first seeds of the fixed test split (the detectors were designed on train-range seeds).
 HELD_OUT = split_seeds("test", 36)

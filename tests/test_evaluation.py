@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actavatar_core import evaluation
+from actavatar_lab import evaluation
 
 
 def test_ablation_variants_differ_only_where_the_paper_table_says(tmp_path):

@@ -36,7 +36,7 @@ def _trained_tiny_models():
     from actavatar_core.bundle import tiny_models
     from actavatar_core.text import DEFAULT_NEGATIVE, assemble_prompt
     from actavatar_core.tiny import tiny_text_encoder
-    from actavatar_core.training.recipe import train_sentencepiece
+    from actavatar_lab.recipe import train_sentencepiece
 
     models = tiny_models(seed=0)
     corpus = ["".join(assemble_prompt(PhaseScript.parse(SCRIPT))), DEFAULT_NEGATIVE,
@@ -199,7 +199,7 @@ def test_fp16_export_is_half_and_close(exported, tmp_path):
 def test_cli_exports_a_model_folder(exported, tmp_path, capsys):
     """The model folder the training recipe writes has the SentencePiece model only as tokenizer/spiece.model."""
     from actavatar_core.cli import main
-    from actavatar_core.training.recipe import export_model
+    from actavatar_core.training.runs import export_model
 
     models, _, _ = exported
     export_model(models, tmp_path / "model", info={"name": "cli test"})

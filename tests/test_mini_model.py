@@ -30,7 +30,7 @@ def test_bundle_is_small_and_complete(mini):
 def test_generates_the_demo_with_its_actions_in_their_windows(mini):
     from actavatar_core.pipeline import ActAvatarPipeline, GenerationRequest
     from actavatar_core.sampling import SamplingOptions
-    from actavatar_core.synth.metrics import evaluate_clip
+    from actavatar_lab.synth.metrics import evaluate_clip
     from actavatar_core.video import load_image
 
     models, d = mini

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from actavatar_core.phases import PhaseScript, latent_frame_count
-from actavatar_core.synth import ACTIONS, IDLE, action_for_text, make_clip, sample_identity, sample_phases
-from actavatar_core.synth.actions import RAMP_SECONDS
-from actavatar_core.synth.audio import (SAMPLE_RATE, audio_envelope, espeak_available, mouth_from_envelope, resample,
+from actavatar_lab.synth import ACTIONS, IDLE, action_for_text, make_clip, sample_identity, sample_phases
+from actavatar_lab.synth.actions import RAMP_SECONDS
+from actavatar_lab.synth.audio import (SAMPLE_RATE, audio_envelope, espeak_available, mouth_from_envelope, resample,
                                         speech_audio)
-from actavatar_core.synth.cli import main as synth_main
-from actavatar_core.synth.writer import SPLITS, split_seeds
+from actavatar_lab.synth.cli import main as synth_main
+from actavatar_lab.synth.writer import SPLITS, split_seeds
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_synth_command_writes_a_readable_dataset(tmp_path):
         assert fresh.annotation == ann
         assert np.abs(frames.astype(int) - fresh.frames).mean() < 3.0
     # the files themselves score perfectly when evaluated as if a model had generated them
-    from actavatar_core.synth.metrics import evaluate_folder
+    from actavatar_lab.synth.metrics import evaluate_folder
 
     scored = evaluate_folder(out, out / "clips")
     assert scored["missing"] == [] and scored["aggregate"]["hit_at_segment"] == 1.0

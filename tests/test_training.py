@@ -8,7 +8,7 @@ import torch
 
 from actavatar_core.training.config import config_from_dict
 from actavatar_core.training.data import CachedClips, read_annotations
-from actavatar_core.training.recipe import build_models, run_training
+from actavatar_lab.recipe import build_models, run_training
 from actavatar_core.training.trainer import StageRunner, load_checkpoint
 
 SMALL = {"transformer": {"patch_size": [1, 2, 2], "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "freq_dim": 32},
@@ -19,7 +19,7 @@ SMALL = {"transformer": {"patch_size": [1, 2, 2], "num_layers": 2, "num_attentio
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from actavatar_core.synth.writer import write_dataset
+    from actavatar_lab.synth.writer import write_dataset
 
     root = tmp_path_factory.mktemp("ds")
     write_dataset(root, clips=3, seed=0, size=64, fps=25.0, duration=1.0, workers=1, voice="synthetic")
@@ -93,7 +93,7 @@ def test_checkpoint_resumes_to_the_same_state(tmp_path, dataset):
         cache = preprocess(anns, cfg.cache_dir, vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                            audio_encoder=models.audio_encoder, audio_config=models.audio_config, text_len=cfg.text_len,
                            window=transformer.config.audio_window, progress=False)
-        from actavatar_core.training.recipe import make_validator
+        from actavatar_core.training.runs import make_validator
 
         return cfg, transformer, CachedClips(cache), make_validator(cfg, models, anns[0])
 
@@ -225,7 +225,7 @@ def test_cache_fingerprint_ignores_thread_count_but_sees_any_weight_change():
 
 
 def test_generation_defaults_of_the_config_go_into_the_exported_model(tmp_path):
-    from actavatar_core.training.cli import _defaults
+    from actavatar_lab.train_cli import _defaults
 
     raw = {"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)}, "shift": 3.0,
            "generation": {"text_cfg": 4.5, "paca_mode": "routed"}}
@@ -342,7 +342,7 @@ def test_config_rejects_negative_motion_weight(tmp_path):
         config_from_dict({"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)},
                           "stage2": {"steps": 2, "motion_weight": -1}})
     with pytest.raises(ValueError, match="4k\\+1"):
-        from actavatar_core.training.recipe import train_vae_decoder
+        from actavatar_lab.recipe import train_vae_decoder
 
         cfg = config_from_dict({"output_dir": str(tmp_path), "data": {"dataset": str(tmp_path)},
                                 "vae_decoder": {"steps": 1, "frames": 8}})
@@ -395,7 +395,7 @@ def test_a_finished_run_reloads_from_its_folder_alone(tmp_path, dataset):
     import shutil
 
     from actavatar_core.errors import ActAvatarError
-    from actavatar_core.training.recipe import load_trained_run
+    from actavatar_lab.recipe import load_trained_run
 
     cfg = _cfg(tmp_path, dataset, stages=["stage0", "stage2"], checkpoint_every=0)
     trained = run_training(cfg, progress=False, log=lambda m: None)["models"].transformer.state_dict()
@@ -426,8 +426,8 @@ def test_mini_audio_encoder_keeps_the_loudness_a_mouth_follows():
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     from actavatar_core.audio import encode_audio
-    from actavatar_core.synth.audio import audio_envelope, mouth_from_envelope, speech_audio
-    from actavatar_core.training.recipe import MINI_WAV2VEC2
+    from actavatar_lab.synth.audio import audio_envelope, mouth_from_envelope, speech_audio
+    from actavatar_lab.recipe import MINI_WAV2VEC2
 
     torch.manual_seed(0)
     encoder = Wav2Vec2Model(Wav2Vec2Config(**MINI_WAV2VEC2)).eval()
@@ -469,7 +469,7 @@ def test_a_stage_cache_copies_the_clips_the_run_cache_already_holds(tmp_path, da
     bytes and script), bit for bit, and only the others are encoded."""
     import shutil
 
-    from actavatar_core.synth.writer import write_dataset
+    from actavatar_lab.synth.writer import write_dataset
     from actavatar_core.training import data
 
     own = tmp_path / "own"
@@ -528,7 +528,7 @@ def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkey
 def _train_watching_dtypes(cfg, dataset, monkeypatch):
     """Run ``cfg`` and record the output dtypes of the VAE decoder's and encoder's first conv and of one transformer
     layer, as (result, {"decoder", "encoder", "block"} -> set of dtypes); the hooks stay on the returned models."""
-    import actavatar_core.training.recipe as recipe
+    import actavatar_lab.recipe as recipe
 
     seen: dict[str, set] = {"decoder": set(), "encoder": set(), "block": set()}
     models, transformer = build_models(cfg, read_annotations(dataset), log=lambda m: None)
@@ -583,7 +583,7 @@ def test_config_rejects_unknown_mixed_precision_and_the_cli_overrides_it(tmp_pat
     path.write_text(json.dumps({"output_dir": str(tmp_path / "r"), "data": {"dataset": str(dataset)}, "mixed_precision": "no"}))
     assert load_config(path).mixed_precision == "no"
     assert load_config(path, {"mixed_precision": "auto"}).mixed_precision == "auto"
-    shipped = json.loads((Path(__file__).resolve().parents[1] / "actavatar_core/configs/training/mini.json").read_text())
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "actavatar_lab/configs/mini.json").read_text())
     # the recipe remakes the shipped weights: transformer stages in bf16 autocast (on this CPU), the VAE in fp32
     assert shipped["mixed_precision"] == "auto"
     assert shipped["vae"]["mixed_precision"] == shipped["vae_decoder"]["mixed_precision"] == "no"

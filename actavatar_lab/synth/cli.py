@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[1:])
-    from ..errors import ActAvatarError
+    from actavatar_core.errors import ActAvatarError
+
     from .writer import write_dataset
 
     if args.clips < 1:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..phases import Phase, PhaseScript, frames_for_duration
+from actavatar_core.phases import Phase, PhaseScript, frames_for_duration
 from .actions import ACTION_KEYS, ACTIONS, TimedAction, frame_time, pose_at
 from .audio import SAMPLE_RATE, audio_envelope, mouth_from_envelope, speech_audio
 from .identity import sample_identity

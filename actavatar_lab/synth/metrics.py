@@ -202,7 +202,7 @@ def evaluate_folder(dataset_dir: "str | Path", generated_dir: "str | Path", patt
     the dataset clip's audio. Returns {"aggregate": ..., "clips": [...], "missing": [ids]}."""
     import json
 
-    from ..video import read_video
+    from actavatar_core.video import read_video
 
     dataset_dir, generated_dir = Path(dataset_dir), Path(generated_dir)
     lines = (dataset_dir / "annotations.jsonl").read_text(encoding="utf-8").splitlines()

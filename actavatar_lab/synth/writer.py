@@ -52,7 +52,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _write_one(job: dict[str, Any]) -> dict[str, Any]:
     """Render one clip and write its MP4 and ground truth; returns the annotation line (runs in a worker)."""
-    from ..video import write_mp4
+    from actavatar_core.video import write_mp4
 
     clip = make_clip(job["seed"], size=job["size"], fps=job["fps"], duration=job["duration"], split=job["split"],
                      voice=job["voice"])
@@ -71,7 +71,7 @@ def write_dataset(out: "str | os.PathLike", *, clips: int, seed: int = 0, split:
     """Write ``clips`` clips of ``split`` into ``out``; returns the manifest (also saved as dataset.json)."""
     out = Path(out)
     if (out / "annotations.jsonl").exists() and not overwrite:
-        from ..errors import OutputPathError
+        from actavatar_core.errors import OutputPathError
 
         raise OutputPathError(f"'{out}' already holds a dataset (annotations.jsonl).", "Choose another --out or pass --overwrite.")
     seeds = split_seeds(split, clips, seed)
@@ -97,7 +97,7 @@ def write_dataset(out: "str | os.PathLike", *, clips: int, seed: int = 0, split:
     for r in results:
         voices[r["voice"]] = voices.get(r["voice"], 0) + 1
     manifest = {
-        "format_version": FORMAT_VERSION, "generator": "actavatar_core.synth", "split": split,
+        "format_version": FORMAT_VERSION, "generator": "actavatar_lab.synth", "split": split,
         "seeds": [seeds[0], seeds[-1]] if seeds else [], "clips": len(seeds), "size": size, "fps": fps,
         "duration": list(duration) if isinstance(duration, (tuple, list)) else duration,
         "voices": voices, "sample_rate": 16000, "caption": CAPTION,
@@ -163,7 +163,7 @@ is held to the last frame). Phases last {MIN_PHASE}-{MAX_PHASE} s on a 0.1-s gri
 ## Mouth and audio
 
 `envelope[i]` is the Hann-weighted RMS of the audio over two frame periods centred on `(i + 0.5) / fps`, divided
-by the clip's 95th percentile (`actavatar_core.synth.audio.audio_envelope`). The drawn mouth opening is
+by the clip's 95th percentile (`actavatar_lab.synth.audio.audio_envelope`). The drawn mouth opening is
 `mouth_from_envelope(envelope)`: gate below 0.08, power 0.7, 3-tap smoothing.
 
 ## Seed ranges
@@ -179,8 +179,8 @@ is installed, else the built-in babble; `voices` above says which was used), so 
 
 ## Evaluation
 
-`actavatar_core.synth.detect` reads the action label and mouth opening from frames (calibrated on the reference
-frame), `actavatar_core.synth.metrics.evaluate_clip` / `aggregate` compute Hit@Segment, temporal IoU, spurious
+`actavatar_lab.synth.detect` reads the action label and mouth opening from frames (calibrated on the reference
+frame), `actavatar_lab.synth.metrics.evaluate_clip` / `aggregate` compute Hit@Segment, temporal IoU, spurious
 action rate, lip-sync correlation and lag, and identity colour drift; `metrics.evaluate_folder(dataset, generated)`
 scores a folder of generated `<id>.mp4` files against this dataset (reference = each clip's frame 0, audio = the
 clip's audio). The dataset's own clips score H@S 1.0, tIoU about 0.93 (the detector's transition frames),
