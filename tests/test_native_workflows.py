@@ -1,0 +1,315 @@
+"""The shipped native-model workflow (core's Wan2.2 TI2V-5B chain + ActAvatar Phase Control): its UI and API files
+are what :func:`build` writes (``python tests/test_native_workflows.py`` rewrites them), our nodes' widget values
+pass their schemas, and every core node's inputs, widget order and output slots are those of a real ComfyUI 0.33
+(``COMFYUI_DIR``, read in a subprocess, since ComfyUI's ``nodes`` module and the pack's ``nodes`` package clash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "actavatar_native_ti2v"
+UI_FILE = ROOT / "workflows" / f"{NAME}.json"
+API_FILE = ROOT / "workflows" / "api" / f"{NAME}.json"
+
+SCRIPT = json.dumps({
+    "version": 1,
+    "base": "A woman with short dark hair in a green jacket stands in a sunny park and talks to the camera",
+    "negative": "",
+    "phases": [{"start": 0.5, "end": 2.0, "text": "raises her right hand and waves"},
+               {"start": 2.5, "end": 4.5, "text": "points at the camera with her left hand"}],
+})
+NOTE = """ActAvatar on Wan2.2 TI2V-5B (ComfyUI's own model; no audio, no lip sync): timed actions from a photo.
+
+Model files (community names, ComfyUI's model folders):
+- diffusion_models/wan2.2_ti2v_5B_fp16.safetensors
+- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (or umt5_xxl_fp16.safetensors)
+- vae/wan2.2_vae.safetensors
+
+VRAM: the model makers (Wan2.2 README) run TI2V-5B at 720p on one 24 GB GPU (RTX 4090) with model offloading;
+ComfyUI's own memory management may fit less. Not measured by ActAvatar.
+
+Timing: 121 frames at 24 fps = 5.04 s. The Phase Prompt's fps must be the video's fps (24 here).
+Phase Control routes each latent frame's text attention to the base prompt and the phases active at its time
+(mode routed / feathered / relay); the Phase Guider adds phase guidance (phase_cfg, 0 = plain CFG)."""
+
+#: id -> (type, title, [(widget name or None for a UI-only widget, value)], {input: (source id, slot)},
+#:        [(output name, type)], pos, size). Widget values in the node's widget order.
+GRAPH: dict[int, tuple] = {
+    1: ("UNETLoader", "Load Diffusion Model (Wan2.2 TI2V-5B)",
+        [("unet_name", "wan2.2_ti2v_5B_fp16.safetensors"), ("weight_dtype", "default")], {}, [("MODEL", "MODEL")],
+        (20, 40), (330, 90)),
+    2: ("CLIPLoader", "Load CLIP (umT5)",
+        [("clip_name", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("type", "wan"), ("device", "default")], {},
+        [("CLIP", "CLIP")], (20, 170), (330, 110)),
+    3: ("VAELoader", "Load VAE (Wan2.2)", [("vae_name", "wan2.2_vae.safetensors")], {}, [("VAE", "VAE")],
+        (20, 320), (330, 60)),
+    4: ("LoadImage", "Reference image", [("image", "actavatar_demo_reference.png"), (None, "image")], {},
+        [("IMAGE", "IMAGE"), ("MASK", "MASK")], (20, 420), (330, 330)),
+    5: ("ActAvatarPhasePrompt", "ActAvatar Phase Prompt",
+        [("phase_script", SCRIPT), ("duration", 5.0), ("fps", 24.0)], {}, [("phase_prompt", "PHASE_PROMPT")],
+        (400, 40), (520, 330)),
+    6: ("ActAvatarPhaseTextEncode", "ActAvatar Phase Text Encode", [("negative", "")],
+        {"clip": (2, 0), "phase_prompt": (5, 0)},
+        [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], (980, 40), (330, 160)),
+    7: ("ModelSamplingSD3", "ModelSamplingSD3", [("shift", 8.0)], {"model": (1, 0)}, [("MODEL", "MODEL")],
+        (400, 420), (300, 60)),
+    8: ("ActAvatarPhaseControl", "ActAvatar Phase Control",
+        [("mode", "routed"), ("feather", 2.0), ("relay_width", 2.0), ("start_seconds", 0.0), ("clip_seconds", 0.0)],
+        {"model": (7, 0)}, [("model", "MODEL")], (740, 420), (330, 180)),
+    9: ("Wan22ImageToVideoLatent", "Wan22ImageToVideoLatent",
+        [("width", 1280), ("height", 704), ("length", 121), ("batch_size", 1)], {"vae": (3, 0), "start_image": (4, 0)},
+        [("LATENT", "LATENT")], (400, 520), (300, 150)),
+    10: ("ActAvatarPhaseGuider", "ActAvatar Phase Guider", [("cfg", 5.0), ("phase_cfg", 2.0)],
+         {"model": (8, 0), "positive": (6, 0), "negative": (6, 1)}, [("guider", "GUIDER")], (1120, 260), (300, 130)),
+    11: ("KSamplerSelect", "KSamplerSelect", [("sampler_name", "uni_pc")], {}, [("SAMPLER", "SAMPLER")],
+         (1120, 420), (300, 60)),
+    12: ("BasicScheduler", "BasicScheduler", [("scheduler", "simple"), ("steps", 20), ("denoise", 1.0)],
+         {"model": (8, 0)}, [("SIGMAS", "SIGMAS")], (1120, 520), (300, 110)),
+    13: ("RandomNoise", "RandomNoise", [("noise_seed", 42), (None, "fixed")], {}, [("NOISE", "NOISE")],
+         (1120, 670), (300, 90)),
+    14: ("SamplerCustomAdvanced", "SamplerCustomAdvanced", [],
+         {"noise": (13, 0), "guider": (10, 0), "sampler": (11, 0), "sigmas": (12, 0), "latent_image": (9, 0)},
+         [("output", "LATENT"), ("denoised_output", "LATENT")], (1460, 260), (300, 130)),
+    15: ("VAEDecode", "VAE Decode", [], {"samples": (14, 0), "vae": (3, 0)}, [("IMAGE", "IMAGE")],
+         (1460, 440), (220, 50)),
+    16: ("CreateVideo", "Create Video", [("fps", 24.0), ("bit_depth", 8)], {"images": (15, 0)},
+         [("VIDEO", "VIDEO")], (1720, 260), (300, 100)),
+    17: ("SaveVideo", "Save Video",
+         [("filename_prefix", "video/ActAvatar_native"), ("format", "auto"), ("format.codec", "auto"),
+          ("codec", "auto")], {"video": (16, 0)}, [("video", "VIDEO")], (1720, 420), (400, 400)),
+}
+#: Link inputs that are optional in the node's schema (drawn with the optional shape in the UI).
+OPTIONAL_INPUTS = {(9, "start_image")}
+#: Unlinked optional link inputs the UI shows (a socket left free).
+FREE_INPUTS = {5: [("audio", "AUDIO")], 16: [("audio", "AUDIO")]}
+OURS = {"ActAvatarPhasePrompt", "ActAvatarPhaseTextEncode", "ActAvatarPhaseControl", "ActAvatarPhaseGuider"}
+
+
+def _input_type(node_id: int, name: str) -> str:
+    src, slot = GRAPH[node_id][3][name]
+    return GRAPH[src][4][slot][1]
+
+
+def _order() -> dict[int, int]:
+    done: list[int] = []
+    while len(done) < len(GRAPH):
+        for nid, node in GRAPH.items():
+            if nid not in done and all(src in done for src, _ in node[3].values()):
+                done.append(nid)
+    return {nid: i for i, nid in enumerate(done)}
+
+
+def build() -> tuple[dict, dict]:
+    """(UI workflow, API prompt)."""
+    links, link_of = [], {}
+    for nid, node in GRAPH.items():
+        for name, (src, slot) in node[3].items():
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, nid, None, _input_type(nid, name)])
+            link_of[(nid, name)] = link_id
+    order = _order()
+    nodes = []
+    for nid, (kind, title, widgets, inputs, outputs, pos, size) in GRAPH.items():
+        ins = []
+        for name in inputs:
+            entry = {"name": name, "type": _input_type(nid, name), "link": link_of[(nid, name)]}
+            if (nid, name) in OPTIONAL_INPUTS:
+                entry = {"name": name, "shape": 7, "type": entry["type"], "link": entry["link"]}
+            ins.append(entry)
+        for name, kind_ in FREE_INPUTS.get(nid, []):
+            ins.append({"name": name, "shape": 7, "type": kind_, "link": None})
+        for slot, (name, _) in enumerate(inputs.items()):
+            links[link_of[(nid, name)] - 1][4] = [i["name"] for i in ins].index(name)
+        outs = []
+        for slot, (name, kind_) in enumerate(outputs):
+            targets = [link[0] for link in links if link[1] == nid and link[2] == slot]
+            outs.append({"name": name, "type": kind_, "slot_index": slot, "links": targets or None})
+        nodes.append({"id": nid, "type": kind, "pos": list(pos), "size": list(size), "flags": {}, "order": order[nid],
+                      "mode": 0, "inputs": ins, "outputs": outs, "title": title,
+                      "properties": {"cnr_id": "actavatar" if kind in OURS else "comfy-core",
+                                     "ver": "0.1.0" if kind in OURS else "0.33.0", "Node name for S&R": kind},
+                      "widgets_values": [value for _, value in widgets]})
+    note_id = max(GRAPH) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [20, 800], "size": [900, 330], "flags": {},
+                  "order": len(GRAPH), "mode": 0, "inputs": [], "outputs": [], "title": "Read me: models, VRAM, timing",
+                  "properties": {}, "widgets_values": [NOTE], "color": "#432", "bgcolor": "#653"})
+    ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"actavatar/{NAME}")), "revision": 0, "last_node_id": note_id,
+          "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {},
+          "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": "1.49.6"}, "version": 0.4}
+    api = {}
+    for nid, (kind, title, widgets, inputs, _, _, _) in GRAPH.items():
+        values = {name: value for name, value in widgets if name is not None}
+        values.update({name: [str(src), slot] for name, (src, slot) in inputs.items()})
+        api[str(nid)] = {"class_type": kind, "inputs": values, "_meta": {"title": title}}
+    return ui, api
+
+
+def _dump(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def write() -> None:
+    ui, api = build()
+    UI_FILE.write_text(_dump(ui))
+    API_FILE.write_text(_dump(api))
+
+
+def test_committed_files_are_what_build_writes():
+    ui, api = build()
+    assert UI_FILE.read_text() == _dump(ui), f"run: python {Path(__file__).relative_to(ROOT)}"
+    assert API_FILE.read_text() == _dump(api), f"run: python {Path(__file__).relative_to(ROOT)}"
+
+
+def test_every_link_joins_matching_types_and_every_output_is_used_or_final():
+    ui, api = build()
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for link_id, src, slot, dst, dst_slot, kind in ui["links"]:
+        assert by_id[src]["outputs"][slot]["type"] == kind == by_id[dst]["inputs"][dst_slot]["type"]
+        assert link_id in by_id[src]["outputs"][slot]["links"] and by_id[dst]["inputs"][dst_slot]["link"] == link_id
+    assert {n["class_type"] for n in api.values()} >= OURS
+    assert api["14"]["inputs"]["guider"] == ["10", 0] and api["10"]["inputs"]["model"] == ["8", 0]
+
+
+def test_our_nodes_values_pass_their_schemas():
+    from comfy_doubles import require_comfy_api
+
+    require_comfy_api()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("actavatar_native_phase_nodes", ROOT / "nodes" / "native_phase.py")
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    from actavatar_core.phases import PhaseScript
+
+    classes = {cls.GET_SCHEMA().node_id: cls for cls in native.NODES}
+    _, api = build()
+    for nid, node in api.items():
+        cls = classes.get(node["class_type"])
+        if cls is None:
+            continue
+        types = cls.INPUT_TYPES()
+        declared = {**types.get("required", {}), **types.get("optional", {})}
+        assert set(types.get("required", {})) <= set(node["inputs"]) <= set(declared), node["class_type"]
+        widgets = [name for name, value in GRAPH[int(nid)][2]]
+        assert widgets == [n for n, v in declared.items() if v[0] in ("INT", "FLOAT", "STRING", "COMBO", "BOOLEAN")]
+        for name, value in node["inputs"].items():
+            kind, opts = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+            if kind == "COMBO":
+                assert value in opts["options"], (name, value)
+            elif kind in ("INT", "FLOAT"):
+                assert opts.get("min", value) <= value <= opts.get("max", value), (name, value)
+    script = PhaseScript.parse(SCRIPT)
+    assert script.problems(duration=5.0, fps=24.0) == []
+    assert (121 / 24.0) >= 5.0  # the clip covers the Phase Prompt's duration
+
+
+def _core_schemas(types: list[str]) -> dict:
+    code = f"""
+import asyncio, json, sys
+sys.argv = [sys.argv[0], "--cpu"]; sys.path.insert(0, {os.environ.get("COMFYUI_DIR", "")!r})
+import comfy.options; comfy.options.enable_args_parsing()
+import nodes
+asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+out = {{}}
+for name in {types!r}:
+    cls = nodes.NODE_CLASS_MAPPINGS[name]
+    it = cls.INPUT_TYPES()
+    def kind(v):
+        return "COMBO" if isinstance(v[0], list) else v[0]
+    out[name] = {{"inputs": [[n, kind(v), group, bool(len(v) > 1 and isinstance(v[1], dict) and v[1].get("control_after_generate"))]
+                             for group in ("required", "optional") for n, v in it.get(group, {{}}).items()],
+                 "outputs": list(cls.RETURN_TYPES)}}
+print("SCHEMAS" + json.dumps(out))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("SCHEMAS")]
+    assert line, out.stderr[-2000:]
+    return json.loads(line[0][len("SCHEMAS"):])
+
+
+@pytest.mark.integration
+def test_core_nodes_match_a_real_comfyui():
+    if not os.environ.get("COMFYUI_DIR"):
+        pytest.skip("COMFYUI_DIR is not set: point it at a copy of ComfyUI 0.33.0 to check the core nodes' schemas")
+    core = sorted({node[0] for node in GRAPH.values()} - OURS)
+    schemas = _core_schemas(core)
+    links = ("MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "NOISE", "GUIDER", "SAMPLER", "SIGMAS", "VIDEO", "AUDIO",
+             "CONDITIONING")
+    for nid, (kind, _, widgets, inputs, outputs, _, _) in GRAPH.items():
+        if kind in OURS:
+            continue
+        schema = schemas[kind]
+        assert [k for _, k in outputs] == schema["outputs"], kind
+        declared = {n: (k, group) for n, k, group, _ in schema["inputs"]}
+        for name in inputs:
+            assert declared[name][0] == _input_type(nid, name), (kind, name)
+        required_links = {n for n, (k, group) in declared.items() if group == "required" and k in links}
+        assert required_links <= set(inputs), (kind, required_links - set(inputs))
+        expected = []
+        for n, k, _, control in schema["inputs"]:
+            if k in links:
+                continue
+            expected.append(n)
+            if control:
+                expected.append(None)  # the UI's control_after_generate value
+        if kind == "LoadImage":
+            expected.append(None)  # the upload widget
+        if kind == "SaveVideo":  # format is a dynamic combo whose codec option sits right after it
+            expected.insert(expected.index("format") + 1, "format.codec")
+        assert [n for n, _ in widgets] == expected, kind
+
+
+@pytest.mark.integration
+def test_comfyui_validates_the_api_prompt_with_the_pack_loaded(tmp_path):
+    """ComfyUI's own ``execution.validate_prompt`` (types, links, combo values, ranges, our VALIDATE_INPUTS) on the
+    API prompt, with the pack loaded as a custom node and empty model files of the community names in place."""
+    if not os.environ.get("COMFYUI_DIR"):
+        pytest.skip("COMFYUI_DIR is not set: point it at a copy of ComfyUI 0.33.0 to validate the prompt")
+    custom = tmp_path / "custom_nodes"
+    custom.mkdir()
+    (custom / "actavatar").symlink_to(ROOT)
+    _, api = build()
+    files = {"diffusion_models": api["1"]["inputs"]["unet_name"], "text_encoders": api["2"]["inputs"]["clip_name"],
+             "vae": api["3"]["inputs"]["vae_name"]}
+    for folder, name in files.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"")
+    (tmp_path / "input").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "input" / api["4"]["inputs"]["image"])
+    code = f"""
+import asyncio, json, sys
+sys.argv = [sys.argv[0], "--cpu"]; sys.path.insert(0, {os.environ["COMFYUI_DIR"]!r})
+import comfy.options; comfy.options.enable_args_parsing()
+import folder_paths
+for folder in {sorted(files)!r}:
+    folder_paths.add_model_folder_path(folder, {str(tmp_path)!r} + "/" + folder, is_default=True)
+folder_paths.set_input_directory({str(tmp_path / "input")!r})
+folder_paths.add_model_folder_path("custom_nodes", {str(custom)!r}, is_default=True)
+import nodes, execution
+asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+prompt = json.load(open({str(API_FILE)!r}))
+valid = asyncio.run(execution.validate_prompt("test", prompt, None))
+print("VALID" + json.dumps([valid[0], valid[1], valid[2], {{k: v for k, v in valid[3].items()}}], default=str))
+"""
+    env = {**os.environ, "ACTAVATAR_NO_DEMO_INPUTS": "1", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("VALID")]
+    assert line, out.stderr[-3000:]
+    ok, error, outputs, node_errors = json.loads(line[0][len("VALID"):])
+    assert ok, (error, node_errors)
+    assert outputs == ["17"]
+
+
+if __name__ == "__main__":
+    write()
