@@ -1,14 +1,16 @@
 """Phase control for the text cross-attention of Wan models run by another framework (ComfyUI's native Wan).
 
 The framework hands over, per cross-attention call, its projected ``q`` (B, L, H*D) and ``k``/``v`` (B, S, H*D),
-the latent grid of the video tokens and which rows of the batch are conditional passes carrying a phase script.
+the latent grid of the video tokens and which chunks of the batch are conditional passes carrying a phase script
+(phase guidance's extra pass carries it with every phase hidden).
 Everything here is plain torch: routing reuses :class:`~actavatar_core.attention.PhaseRouting` and
 :func:`~actavatar_core.attention.phase_attention` (run-wise routed attention, relay's biased attention), exactly what
 the engine's PACA processor runs.
 
-Frames map by the clip's absolute time: a context window or an extension passes the absolute latent indices of
-its frames. Tokens past the video grid (S2V's reference and motion latents, frames concatenated in time) are not
-frames of the clip: they see every text token, as in the unpatched model. A frame that may see every token also
+Frames map by the clip's absolute time: a context window passes its frames' indices in the sampled latent, an
+extension its start in the clip (``start_seconds``). Tokens outside the video grid (S2V's reference and motion
+latents after it, a reference image put before it, frames concatenated in time) are not frames of the clip: they
+see every text token, as in the unpatched model. A frame that may see every token also
 runs plain attention, so a script without phases (or one phase over the whole clip) changes nothing at all.
 
 Modes:

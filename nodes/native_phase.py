@@ -1,12 +1,13 @@
-"""Phase control on ComfyUI's own Wan models: ActAvatar Phase Control (MODEL -> MODEL) and Phase Text Encode.
+"""Phase control on ComfyUI's own Wan models: ActAvatar Phase Control (MODEL -> MODEL), Phase Text Encode (core's
+umT5 CLIP -> CONDITIONING carrying the phase spans) and Phase Guider (GUIDER with phase guidance).
 
 Phase Control patches the text cross-attention of every block through the ModelPatcher: on a clone, each
 ``diffusion_model.blocks.N.cross_attn.forward`` gets an object patch that projects q/k/v with the block's own layers
 (so LoRA weight patches, fp8 casting and offloading apply as usual) and hands them to the engine
 (:mod:`actavatar_core.native_phase`), which routes conditional passes and leaves every other pass to ComfyUI's
 ``optimized_attention``. Two wrappers feed it: OUTER_SAMPLE collects the phase spans of the conds and checks them
-against the clip before the first step; DIFFUSION_MODEL plans each model call (latent grid, which batch chunks are
-conditional, the context window's absolute frames). Removing the node removes the patches; InfiniteTalk's
+against the clip before the first step; DIFFUSION_MODEL plans each model call (latent grid, which batch chunks carry
+phase spans, the context window's absolute frames). Removing the node removes the patches; InfiniteTalk's
 ``attn2_patch``, LoRAs and torch.compile's APPLY_MODEL wrapper compose with it.
 
 At import this module needs only ``comfy_api``; ComfyUI's model code is imported when a node runs.
@@ -295,9 +296,10 @@ class ActAvatarPhaseControl(io.ComfyNode):
                                tooltip="Relay mode only: the penalty's width in latent frames (small: close to routed, "
                                        "large: every frame sees every phase)."),
                 io.Float.Input("start_seconds", default=0.0, min=0.0, max=3600.0, step=0.01, optional=True,
-                               tooltip="Where this sampling starts in the clip: 0 for a clip made in one go; for an "
-                                       "extension (S2V Extend, InfiniteTalk's next chunk) the length of the video "
-                                       "before it, so phases keep the clip's timing."),
+                               tooltip="Where this sampling's first frame is in the clip: 0 for a clip made in one "
+                                       "go; for an extension (S2V Extend) the length of the video before it; for "
+                                       "InfiniteTalk's next chunk the time of its first motion frame. Phases keep "
+                                       "the clip's timing."),
                 io.Float.Input("clip_seconds", default=0.0, min=0.0, max=3600.0, step=0.01, optional=True,
                                tooltip="The whole clip's length when the phase script runs past this sampling (an "
                                        "extended clip); 0: the clip ends with this sampling, and a script longer "
