@@ -43,6 +43,8 @@ DEFAULT_FPS = 25.0
 
 _EPS = 1e-6
 _NOT_JSON = object()
+#: Latent frames the "too short" rule looks at around a phase's start (it needs about 3).
+_WALK_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -378,8 +380,15 @@ def _holds_latent_frame(phase: Phase, count: float, fps: float) -> bool:
     lo, hi = phase.start - _EPS, phase.end - _EPS
     if count > 0 and lo <= 0 < hi:
         return True
-    j = max(1, math.floor(((phase.start - 1) * fps + 1.5) / VAE_TEMPORAL_STRIDE) - 2)
-    while j < count:
+    # two frames before the first time >= lo; the first of them at or after lo decides. A few steps suffice; the
+    # bound keeps an absurd frame rate (1e300 fps, where j + 1 no longer changes t) from walking forever.
+    first = (lo * fps + 1.5) / VAE_TEMPORAL_STRIDE
+    if not math.isfinite(first):  # beyond any frame count (the JS reaches the same verdict with j = Infinity)
+        return False
+    j = max(1, math.ceil(first) - 2)
+    for _ in range(_WALK_STEPS):
+        if not j < count:
+            return False
         t = (VAE_TEMPORAL_STRIDE * j - 1.5) / fps
         if t >= hi:
             return False

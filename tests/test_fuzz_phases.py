@@ -168,7 +168,7 @@ def _cases() -> list[dict]:
         else:
             value, alike = _compact_case(rng), True
         duration = rng.choice([None, None, 1.0, 2.5, 4.08, 6, 10.0, 60.0])
-        fps = rng.choice([25.0, 25.0, 24.0, 16.0, 30.0, 8.0, 120.0])
+        fps = rng.choice([25.0, 25.0, 24.0, 16.0, 30.0, 8.0, 120.0, 23.976, 1e-300, 1e12, 1e300, 0.0, -25.0])
         out.append({"value": value, "duration": duration, "fps": fps, "alike": alike})
     return out
 
@@ -272,3 +272,14 @@ def test_the_latent_frame_check_does_not_walk_the_whole_clip(start, end):
     holds = any(start - 1e-6 <= (0.0 if j == 0 else (4 * j - 1.5) / 25.0) < end - 1e-6
                 for j in range(int(start * 25 / 4) - 2, int(start * 25 / 4) + 4) if j >= 0)
     assert (not problems) == holds, problems
+
+
+@pytest.mark.parametrize("fps", [1e-300, 1e12, 1e300, 1.7e308])
+def test_an_absurd_frame_rate_does_not_hang_the_check(fps):
+    import time
+
+    script = PhaseScript.parse("a man | 5-6s: waves | 999999-1000000s: points")
+    started = time.monotonic()
+    for duration in (None, 10.0, 1e6, math.inf):
+        assert isinstance(script.problems(duration, fps), list)
+    assert time.monotonic() - started < 1

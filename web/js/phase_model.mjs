@@ -479,14 +479,18 @@ function gridCount(duration, fps, phases) {
   return latentFrameCount(framesForDuration(Math.max(horizon, 1.0 / fps), fps));
 }
 
+const WALK_STEPS = 16;
+
 /** Whether some latent frame time t of the grid satisfies start - EPS <= t < end - EPS (same test as phases.py). */
 function holdsLatentFrame(phase, count, fps) {
   const lo = phase.start - EPS;
   const hi = phase.end - EPS;
   if (count > 0 && lo <= 0 && 0 < hi) return true;
-  // Start a little before the first candidate and walk forward; times increase with j.
-  let j = Math.max(1, Math.floor(((phase.start - 1) * fps + 1.5) / VAE_TEMPORAL_STRIDE) - 2);
-  for (; j < count; j++) {
+  // Two frames before the first time >= lo, then walk forward (times increase with j); the step bound keeps an
+  // absurd frame rate (where j + 1 no longer changes t) from looping forever. Same as phases.py _holds_latent_frame.
+  let j = Math.max(1, Math.ceil((lo * fps + 1.5) / VAE_TEMPORAL_STRIDE) - 2);
+  for (let step = 0; step < WALK_STEPS; step++, j++) {
+    if (!(j < count)) return false;
     const t = latentFrameTime(j, fps);
     if (t >= hi) return false;
     if (lo <= t) return true;
