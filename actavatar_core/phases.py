@@ -369,7 +369,7 @@ def _grid_count(duration: float | None, fps: float, phases: Sequence[Phase]) -> 
     endless clip. A number, not a list: a phase may end a billion seconds in."""
     horizon = duration if duration is not None else max((p.end for p in phases), default=0.0)
     horizon = max(horizon, 1.0 / fps)
-    if not math.isfinite(horizon):
+    if not math.isfinite(horizon * fps):  # an endless clip, or frames beyond a double (the JS counts Infinity)
         return math.inf if horizon > 0 else math.nan
     return latent_frame_count(frames_for_duration(horizon, fps))
 
