@@ -167,7 +167,7 @@ def _cases() -> list[dict]:
             value, alike = _json_case(rng)
         else:
             value, alike = _compact_case(rng), True
-        duration = rng.choice([None, None, 1.0, 2.5, 4.08, 6, 10.0, 60.0])
+        duration = rng.choice([None, None, 1.0, 2.5, 4.08, 6, 10.0, 60.0, 0.0, -1.0, 1e9, 5e-324])
         fps = rng.choice([25.0, 25.0, 24.0, 16.0, 30.0, 8.0, 120.0, 23.976, 1e-300, 1e12, 1e300, 0.0, -25.0])
         out.append({"value": value, "duration": duration, "fps": fps, "alike": alike})
     return out
