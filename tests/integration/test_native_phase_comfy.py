@@ -500,15 +500,12 @@ def test_parity_with_the_engines_routed_processor(comfy, tmp_path, mode):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def s2v_model(comfy):
-    """Core's ModelPatcher of a tiny one-block Wan2.2 S2V model (ComfyUI's WanModel_S2V, core's state-dict loader)."""
-    from comfy.ldm.wan.model import WanModel_S2V
+def _tiny_from_class(comfy, cls, seed: int, **kw):
+    """Core's ModelPatcher of a tiny model of one of ComfyUI's Wan classes, loaded through core's state-dict loader."""
     import comfy.ops
 
-    g = torch.Generator().manual_seed(4)
-    net = WanModel_S2V(dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096, in_dim=16, out_dim=16,
-                       audio_inject_layers=[0], operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    net = cls(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **kw)
     sd = {}
     for key, value in net.state_dict().items():
         if ".norm" in key and key.endswith(".weight"):
@@ -517,8 +514,43 @@ def s2v_model(comfy):
             sd[key] = torch.randn(value.shape, generator=g) / max(1.0, value.shape[-1] ** 0.5)
     patcher = comfy.sd.load_diffusion_model_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()},
                                                        model_options={"dtype": torch.float32})
-    assert type(patcher.model.diffusion_model).__name__ == "WanModel_S2V"
+    assert type(patcher.model.diffusion_model) is cls
     return patcher
+
+
+def test_humo_routes_its_video_frames_by_time(comfy):
+    """HuMo (its blocks add an audio cross-attention beside the text one; reference latent appended after the video)."""
+    from comfy.ldm.wan.model import HumoWanModel
+
+    model = _tiny_from_class(comfy, HumoWanModel, 9, dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096,
+                             in_dim=36, out_dim=16)
+    ctx, neg, _ = _inputs()
+    g = torch.Generator().manual_seed(10)
+    noise = torch.randn(1, 16, FRAMES, 4, 4, generator=g)
+    ref = {"reference_latents": [torch.randn(1, 16, 1, 4, 4, generator=g)]}
+    negative = [[neg, dict(ref)]]
+
+    def pos(c, spans):
+        return [[c, {**ref, N.PHASE_SPANS_KEY: spans}]]
+
+    plain = _sample(comfy, model, [[ctx, dict(ref)]], negative, noise)
+    patched = comfy.node.apply_phase_control(model, "routed")
+    none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
+    assert torch.equal(_sample(comfy, patched, pos(ctx, none), negative, noise), plain)
+    base = _sample(comfy, patched, pos(ctx, SPANS), negative, noise)
+    for phase in (1, 2):
+        other = ctx.clone()
+        other[:, BLOCK_IDS == phase] += 0.5
+        assert _changed_frames(base, _sample(comfy, patched, pos(other, SPANS), negative, noise)) == _window_frames(phase)
+
+
+@pytest.fixture(scope="module")
+def s2v_model(comfy):
+    """A tiny one-block Wan2.2 S2V model (ComfyUI's WanModel_S2V)."""
+    from comfy.ldm.wan.model import WanModel_S2V
+
+    return _tiny_from_class(comfy, WanModel_S2V, 4, dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096,
+                            in_dim=16, out_dim=16, audio_inject_layers=[0])
 
 
 def test_s2v_routes_its_video_frames_by_time(comfy, s2v_model):
