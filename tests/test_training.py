@@ -206,7 +206,10 @@ def test_config_rejects_unknown_schedule(tmp_path):
 
 
 def test_cache_fingerprint_ignores_thread_count_but_sees_any_weight_change():
-    from actavatar_core.training.data import fingerprint
+    from actavatar_core.training.data import fingerprints
+
+    def fingerprint(module, extra):
+        return fingerprints(module, extras=[extra])[0]
 
     torch.manual_seed(0)
     net = torch.nn.Linear(512, 512)

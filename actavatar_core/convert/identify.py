@@ -58,8 +58,7 @@ def _has(keys: set[str], *needles: str) -> bool:
     return any(any(n in k for n in needles) for k in keys)
 
 
-def identify(metas: Metas, metadata: dict[str, str] | None = None, *, quant_style: str | None = None,
-             folder_config: dict[str, Any] | None = None) -> CheckpointInfo:
+def identify(metas: Metas, metadata: dict[str, str] | None = None, *, quant_style: str | None = None) -> CheckpointInfo:
     """Classify a file from ``metas`` (name -> (shape, dtype)) and its safetensors metadata."""
     keys = set(metas)
     metadata = metadata or {}

@@ -139,11 +139,6 @@ def is_residual_diffusers(keys: Iterable[str]) -> bool:
     return any(re.match(r"^encoder\.down_blocks\.\d+\.resnets\.", k) for k in keys)
 
 
-def latent_channels(keys: Iterable[str], shape_of: ShapeOf, layout: str) -> int:
-    key = "conv2.weight" if layout.endswith("original") else "post_quant_conv.weight"
-    return int(shape_of(key)[0])
-
-
 # ---------------------------------------------------------------------------------------------- export (inverse)
 _RESIDUAL_BACK = {v: k for k, v in _RESIDUAL.items()}
 _HEAD_BACK = {v: k for k, v in _HEAD.items()}

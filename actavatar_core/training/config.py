@@ -104,7 +104,6 @@ class TrainConfig:
     audio_schedule: str = "progressive"
     audio_gamma: float = 1.5
     paca_mode: str = "learned"
-    num_workers: int = 0
     generation: dict[str, Any] = field(default_factory=dict)  # sampling defaults written into the exported model
 
     @property

@@ -29,7 +29,6 @@ from ..errors import ActAvatarError
 from ..phases import PhaseScript, latent_frame_count
 
 INDEX = "index.json"
-PROMPT_KINDS = ("caption", "global", "phased")
 
 
 @dataclass
@@ -72,15 +71,11 @@ def global_prompt(script: PhaseScript) -> str:
     return " ".join([script.base.rstrip(".") + "."] + [p.text.rstrip(".") + "." for p in script.phases])
 
 
-def fingerprint(*modules: Any, extra: Any = None) -> str:
-    """The identity of the frozen encoders (a hash of every weight's bytes, name and dtype) for cache validity.
-    Bytes, not sums: a float sum depends on the thread count, and a cache must not look stale to a run that
-    merely uses fewer threads. Configs are left out: a model saved and reloaded is the same model."""
-    return fingerprints(*modules, extras=[extra])[0]
-
-
 def fingerprints(*modules: Any, extras: list[Any]) -> list[str]:
-    """:func:`fingerprint` for several ``extra`` values, hashing the weights (gigabytes for Wan's encoders) once."""
+    """The identity of the frozen encoders (a hash of every weight's bytes, name and dtype) combined with each of
+    ``extras``, for cache validity; the weights (gigabytes for Wan's encoders) are hashed once. Bytes, not sums: a
+    float sum depends on the thread count, and a cache must not look stale to a run that merely uses fewer threads.
+    Configs are left out: a model saved and reloaded is the same model."""
     h = hashlib.blake2b(digest_size=16)
     for m in modules:
         for name, p in sorted(m.state_dict().items()):
@@ -327,14 +322,6 @@ def pad_text(embeds: list[torch.Tensor], ids: list[torch.Tensor] | None, text_le
         if ids is not None:
             out_ids[b, : ids[b].shape[0]] = ids[b]
     return out, out_ids
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    shapes = {tuple(it["latents"].shape) for it in items}
-    if len(shapes) > 1:
-        raise ValueError(f"clips of different sizes in one batch: {sorted(shapes)}; use batch_size 1 or equal-length clips")
-    return {"latents": torch.stack([it["latents"] for it in items]), "audio": torch.stack([it["audio"] for it in items]),
-            "index": torch.tensor([it["index"] for it in items]), "items": items}
 
 
 def iterate_forever(dataset: CachedClips, batch_size: int, seed: int, start_epoch: int = 0,

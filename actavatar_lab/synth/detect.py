@@ -83,7 +83,6 @@ class Calibration:
     skin: np.ndarray
     shirt: np.ndarray
     sleeve: np.ndarray
-    head_colour: np.ndarray
     head_top: float
     head_contrast: float
     ref_mass: dict[str, float] = field(default_factory=dict)
@@ -101,8 +100,7 @@ class Calibration:
         y_a = int(rising[0]) if len(rising) else 30
         contrast = float(np.median(profile[y_a + 3 : y_a + 7]))
         top = _edge(profile, contrast)
-        head = _median(img, HEAD_BAND[0], HEAD_BAND[1], int(top) + 2, int(top) + 5)
-        cal = cls(bg, skin, shirt, sleeve, head, top, contrast)
+        cal = cls(bg, skin, shirt, sleeve, top, contrast)
         cal.ref_mass = cal.region_masses(img)
         return cal
 

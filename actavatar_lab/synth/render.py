@@ -25,10 +25,6 @@ NECK_HALF_WIDTH = 9.0
 TORSO_TOP = 84.0
 
 
-def mouth_centre_y(identity: Identity) -> float:
-    return CHIN_Y - MOUTH_BELOW_CHIN
-
-
 def render_frame(identity: Identity, pose: Pose, mouth_open: float, size: int = 128, body_dx: float = 0.0) -> np.ndarray:
     """One uint8 RGB frame (size, size, 3)."""
     k = size / 128.0 * SUPERSAMPLE
