@@ -1,7 +1,7 @@
 """Speech audio -> wav2vec2 features windowed per latent frame.
 
-Steps: decode (PyAV, any common format) or take a waveform; mix to mono; resample to 16 kHz (a windowed-sinc
-resampler in torch, so torchaudio is not needed at import time); fit to the clip length; run ``Wav2Vec2Model``
+Steps: decode (PyAV, any common format) or take a waveform; mix to mono; resample to 16 kHz (torchaudio's resampler,
+imported only when the audio is not 16 kHz already); fit to the clip length; run ``Wav2Vec2Model``
 and keep the hidden states of every layer (embedding output included); interpolate from wav2vec2's 50 Hz to the
 video frame rate; give each latent frame a window of ``W`` video-rate audio frames centred on its time.
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import AudioInputError
+from .errors import ActAvatarError, AudioInputError
 from .phases import VAE_TEMPORAL_STRIDE, frames_for_duration, latent_frame_count
 
 SAMPLE_RATE = 16000
@@ -125,26 +125,23 @@ def check_sample_rate(rate: Any, name: str = "the audio") -> None:
         )
 
 
-def resample(samples: torch.Tensor, rate_in: int, rate_out: int, lowpass: float = 0.99, width: int = 6) -> torch.Tensor:
-    """Band-limited resampling (Hann-windowed sinc, polyphase via a strided conv); 1-D float tensor."""
+def resample(samples: torch.Tensor, rate_in: int, rate_out: int) -> torch.Tensor:
+    """Band-limited resampling of a 1-D float tensor with torchaudio's ``functional.resample`` (Hann-windowed sinc,
+    ``lowpass_filter_width`` 6, ``rolloff`` 0.99). torchaudio is imported here, not at module import, so the engine
+    (and the ComfyUI pack, whose ComfyUI installs torchaudio) imports without it; 16 kHz audio never needs it."""
     if rate_in == rate_out:
         return samples.float().contiguous()
-    g = math.gcd(rate_in, rate_out)
-    orig, new = rate_in // g, rate_out // g
-    cutoff = min(orig, new) * lowpass
-    pad = math.ceil(width * orig / cutoff)
-    idx = torch.arange(-pad, pad + orig, dtype=torch.float64)[None] / orig
-    t = (-torch.arange(new, dtype=torch.float64)[:, None] / new + idx) * cutoff
-    t = t.clamp(-width, width)
-    window = torch.cos(t * math.pi / width / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
-    kernel = (kernel * window * cutoff / orig).float()[:, None]  # (new, 1, K)
-    x = F.pad(samples.float()[None, None], (pad, pad + orig))
-    out = F.conv1d(x, kernel, stride=orig)  # (1, new, T)
-    out = out[0].transpose(0, 1).reshape(-1)
-    target = math.ceil(new * samples.numel() / orig)
-    return out[:target].contiguous()
+    try:
+        from torchaudio.functional import resample as torchaudio_resample
+    except (ImportError, OSError) as exc:
+        raise ActAvatarError(
+            f"Resampling {rate_in} Hz audio to {rate_out} Hz needs torchaudio, which cannot be imported "
+            f"({exc.__class__.__name__}: {exc}).",
+            "Install the torchaudio build that matches your torch (pip install torchaudio; ComfyUI installs it), "
+            f"or give the speech at {rate_out} Hz (e.g. sox in.wav -r {rate_out} out.wav).") from None
+    out = torchaudio_resample(samples.float()[None], rate_in, rate_out, lowpass_filter_width=6, rolloff=0.99,
+                              resampling_method="sinc_interp_hann")
+    return out[0].contiguous()
 
 
 def fit_waveform(wave: Waveform, num_frames: int, fps: float) -> Waveform:
@@ -238,7 +235,3 @@ def encode_audio(model: Any, source: Any, *, fps: float, num_frames: int | None 
     features = wav2vec2_hidden_states(model, fitted, do_normalize)
     return embed_features(features, fitted, fps=fps, num_frames=frames, source_duration=wave.duration, window=window)
 
-
-def null_features_like(embedding: AudioEmbedding) -> torch.Tensor:
-    """The 'no audio' condition used for audio guidance and audio dropout in training: all-zero features."""
-    return torch.zeros_like(embedding.features)
