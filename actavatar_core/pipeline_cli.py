@@ -122,6 +122,8 @@ def _sigterm_stops_the_run() -> Iterator[None]:
 
 
 def main(argv: list[str]) -> int:
+    """Run ``generate`` or ``demo``: 0 on success, 2 for bad input (one message, no traceback), 130 for Ctrl+C or a
+    cancel, 143 for SIGTERM."""
     command, rest = argv[0], argv[1:]
     with _sigterm_stops_the_run():
         try:
@@ -132,8 +134,8 @@ def main(argv: list[str]) -> int:
             try:
                 inputs = check_inputs(command, args)
             except OSError as exc:  # a path the system refuses outright (too long, a loop of links, no permission)
-                where = f"'{exc.filename}'" if exc.filename else "A path"
-                raise CliInputError(f"The path {where} cannot be used ({exc.strerror or exc}).",
+                where = f"The path '{exc.filename}'" if exc.filename else "A path given"
+                raise CliInputError(f"{where} cannot be used ({exc.strerror or exc}).",
                                     "Check the path: its length, its permissions, that its disk is mounted.") from None
             return _run(command, args, inputs)
         except ActAvatarError as exc:
