@@ -337,6 +337,7 @@ def check_inputs(command: str, args: argparse.Namespace) -> CheckedInputs:
     image = load_image(image)
     check_clip(fps=fps, num_frames=args.frames, audio_seconds=audio_seconds(audio), limits=limits)
     audio = _read_audio(audio)
+    check_clip(fps=fps, num_frames=args.frames, audio_seconds=audio_seconds(audio), limits=limits)  # no header
     wave = load_waveform(audio)
     check_clip(fps=fps, num_frames=args.frames, audio_seconds=wave.duration, limits=limits)
     clip_frames = args.frames if args.frames is not None else frames_for_duration(wave.duration, fps)
