@@ -40,6 +40,22 @@ def _phase_label(script: dict, t: float) -> str:
     return "(no phase: talks)"
 
 
+def _print_score(frames: list, fps: float, script: dict) -> None:
+    """Score the demo clip with the research harness's detectors (when installed): are the actions in their windows?"""
+    try:
+        import numpy as np
+        from actavatar_core.audio import load_waveform
+        from actavatar_lab.synth.metrics import evaluate_clip
+    except ImportError as exc:
+        print(f"not scored ({exc})")
+        return
+    wave = load_waveform(str(DEMO_DIR / "speech.wav"))
+    annotation = {"fps": fps, "phases": script["phases"]}
+    score = evaluate_clip(np.stack(frames), wave.samples.numpy(), wave.sample_rate, annotation)
+    print(f"detectors: H@S {score['hit_at_segment']:.2f}, tIoU {score['tiou']:.2f}, "
+          f"mouth-audio r {score.get('lipsync_corr', float('nan')):.2f}")
+
+
 def make_demo_strip(out: Path) -> Path:
     """Run `actavatar demo` and save frames at STRIP_TIMES, each labelled with its time and active phase."""
     import av
@@ -56,6 +72,7 @@ def make_demo_strip(out: Path) -> Path:
             stream = container.streams.video[0]
             fps = float(stream.average_rate)
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    _print_score(frames, fps, script)
     picks = [min(round(t * fps), len(frames) - 1) for t in STRIP_TIMES]
     h, w = frames[0].shape[:2]
     tile_w, tile_h, label_h, pad = w * SCALE, h * SCALE, 34, 6
