@@ -491,7 +491,12 @@ def build_from_weights(base: WanTransformer3DModel, path: "str | os.PathLike | N
         return ActAvatarTransformer.from_base(base)
     tensors, meta = read_actavatar_weights(path)
     check_base_compatible(dict(base.config), meta["base_config"], Path(path).name)
-    model = ActAvatarTransformer.from_base(base, **meta["actavatar_config"])
+    try:
+        model = ActAvatarTransformer.from_base(base, **meta["actavatar_config"])
+    except (TypeError, ValueError, RuntimeError) as exc:  # an adapter config that builds no model: a damaged file
+        raise WeightsError(f"'{Path(path).name}' records an adapter configuration that cannot be built "
+                           f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}).",
+                           "Re-export the weights with ActAvatar, or re-download them.") from None
     apply_actavatar_weights(model, tensors, meta, Path(path).name)
     if meta.get("lora"):
         from .lora import apply_lora_state

@@ -859,3 +859,21 @@ def test_a_damaged_folder_config_is_a_weights_error(files, tmp_path, change):
     with pytest.raises(WeightsError, match="holds a JSON list" if change is None else "can be built") as err:
         L.load_wan_transformer(folder)
     assert err.value.fix
+
+
+def test_actavatar_weights_with_an_adapter_config_that_builds_nothing_are_refused(tiny_models, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from actavatar_core.model import build_from_weights, save_actavatar_weights
+    from actavatar_core.tiny import TINY_UMT5, tiny_wan_transformer
+
+    path = save_actavatar_weights(tiny_models.transformer, tmp_path / "a.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["actavatar_config"])
+    config["audio_window"] = "eight"
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata={**meta, "actavatar_config": json.dumps(config)})
+    with pytest.raises(WeightsError, match="cannot be built") as err:
+        build_from_weights(tiny_wan_transformer(text_dim=TINY_UMT5["d_model"]), tmp_path / "b.safetensors")
+    assert err.value.fix
