@@ -39,7 +39,7 @@ def generate_clip(models: Any, annotation: dict[str, Any], dataset: Path, *, ste
                   shift: float = 5.0, phase_cfg: float = 0.0) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Generate one test clip from its first frame, its audio and its phase script."""
     from actavatar_core.pipeline import ActAvatarPipeline, GenerationRequest
-    from actavatar_core.sampling import SamplingOptions
+    from actavatar_core.sampling import SamplingOptions, mode_options
     from actavatar_core.video import read_video
 
     frames, fps, audio, rate = read_video(dataset / annotation["video"])
@@ -49,7 +49,7 @@ def generate_clip(models: Any, annotation: dict[str, Any], dataset: Path, *, ste
         image=reference, audio={"waveform": audio[None], "sample_rate": rate}, phases=script,
         width=int(annotation["width"]), height=int(annotation["height"]), fps=float(annotation["fps"]),
         num_frames=int(annotation["num_frames"]), negative=negative, phased_prompt=phased_prompt,
-        options=SamplingOptions(steps=steps, text_cfg=text_cfg, audio_cfg=audio_cfg, seed=seed, paca_mode=paca_mode,
+        options=SamplingOptions(steps=steps, text_cfg=text_cfg, audio_cfg=audio_cfg, seed=seed, **mode_options(paca_mode),
                                 shift=shift, phase_cfg=phase_cfg))
     result = ActAvatarPipeline(models).generate(request)
     return result.frames, audio, rate, reference
@@ -291,7 +291,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--test-set", default=str(DEFAULT_TEST_SET), help="held-out test split folder (written if missing)")
     p.add_argument("--clips", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--modes", default="learned,routed", help="PACA modes to score the model with")
+    p.add_argument("--modes", default="learned,routed",
+                   help="PACA modes to score the model with, comma-separated: a mode (global, learned, routed, relay), "
+                        "relay=WIDTH or feather=FRAMES (routed with a feather; both in latent frames)")
     p.add_argument("--phase-cfg", type=float, default=None,
                    help="phase guidance for the model rows (default: the model's; the ablation rows use none)")
     p.add_argument("--ablation", default=None, metavar="BASE_RUN",
@@ -317,6 +319,13 @@ def main(argv: list[str]) -> int:
         p.error("--ablation trains the variants and --ablation-runs scores trained ones; pass one of them")
     if (args.ablation_variants or args.ablation_guidance != "model") and not args.ablation_runs:
         p.error("--ablation-variants and --ablation-guidance apply to --ablation-runs (scoring trained variants)")
+    from actavatar_core.sampling import mode_options
+
+    for spec in filter(None, args.modes.split(",")):
+        try:
+            mode_options(spec)
+        except ValueError as err:
+            p.error(str(err))
 
     from actavatar_core.bundle import load_model_folder
     from actavatar_core.defaults import load_default_models

@@ -1,5 +1,6 @@
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,33 @@ def test_the_cli_offers_every_paca_mode_and_a_relay_width():
     args = p.parse_args(["--image", "i", "--audio", "a", "--phases", "p", "--out", "o", "--paca-mode", "relay",
                          "--relay-width", "1.5"])
     assert (args.paca_mode, args.relay_width) == ("relay", 1.5)
+
+
+def test_method_bench_modes_reach_the_sampler_and_bad_ones_stop_it_at_once(monkeypatch, capsys):
+    import numpy as np
+
+    import actavatar_core.pipeline as pipeline
+    import actavatar_core.video as video
+    from actavatar_lab import evaluation
+
+    with pytest.raises(SystemExit) as stop:  # before any test set is written or model loaded
+        evaluation.main(["method", "--modes", "learned,relay=0", "--test-set", "/nonexistent/never-written"])
+    assert stop.value.code == 2 and "relay=0" in capsys.readouterr().err
+    seen = []
+
+    class Pipeline:
+        def __init__(self, models):
+            pass
+
+        def generate(self, request):
+            seen.append(request.options)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pipeline, "ActAvatarPipeline", Pipeline)
+    monkeypatch.setattr(video, "read_video", lambda path: (np.zeros((5, 32, 32, 3), np.uint8), 25.0, np.zeros(800), 16000))
+    ann = {"video": "x.mp4", "base": "b", "phases": [], "width": 32, "height": 32, "fps": 25.0, "num_frames": 5}
+    for spec in ("relay=1.5", "feather=1", "learned"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            evaluation.generate_clip(None, ann, Path("."), steps=1, text_cfg=1.0, audio_cfg=1.0, paca_mode=spec)
+    assert [(o.paca_mode, o.relay_width, o.feather) for o in seen] == [("relay", 1.5, 0.0), ("routed", 2.0, 1.0),
+                                                                     ("learned", 2.0, 0.0)]
