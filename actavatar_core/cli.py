@@ -42,8 +42,9 @@ def run_module(module_name: str, argv: list[str], command: str) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if not module_name.startswith(LAB) or exc.name not in (LAB, module_name):
-            raise
+        missing = exc.name or ""
+        if not (missing == LAB or missing.startswith(LAB + ".")) or not module_name.startswith(missing):
+            raise  # a dependency of the harness is missing, not the harness: its own message says which
         print(f"actavatar {command}: this command is part of ActAvatar's research harness "
               f"('{LAB}'), which is not installed here. Fix: install the repository with pip "
               "(pip install -e .), which installs actavatar_core and actavatar_lab together, or run from a clone "

@@ -1,12 +1,49 @@
-"""`actavatar bench method` machinery: the test split, scoring a model on it, the ablation variants and the table."""
+"""`actavatar bench method` machinery: the test split, scoring a model on it, the ablation variants and the table;
+and the research harness's place beside the engine (the nodes and the engine never import it; the CLI says when
+it is missing)."""
 
+import ast
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 from actavatar_lab import evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_nodes_the_pack_root_and_the_engine_never_import_the_harness():
+    files = [ROOT / "__init__.py", *sorted((ROOT / "nodes").rglob("*.py")), *sorted((ROOT / "actavatar_core").rglob("*.py"))]
+    assert len(files) > 20
+    offenders = {str(f.relative_to(ROOT)): sorted(m for m in _imported_modules(f) if m.split(".")[0] == "actavatar_lab")
+                 for f in files}
+    assert not {f: m for f, m in offenders.items() if m}
+
+
+@pytest.mark.parametrize("argv, command", [(["synth", "--out", "x"], "synth"), (["train", "--config", "c.json"], "train"),
+                                           (["bench", "method"], "bench method")])
+def test_harness_commands_exit_2_with_a_fix_without_the_harness(monkeypatch, capsys, argv, command):
+    from actavatar_core.cli import main
+
+    for name in [m for m in sys.modules if m == "actavatar_lab" or m.startswith("actavatar_lab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "actavatar_lab", None)  # as if only the engine were installed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"actavatar {command}: ") and "research harness" in err and "Fix: install" in err
 
 
 def test_ablation_variants_differ_only_where_the_paper_table_says(tmp_path):
