@@ -260,7 +260,7 @@ def relay_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return _attend(query, key, value, backend, attn_mask=mask)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity, as the routing it wraps is mutable (caches)
 class RelayRouting:
     """A hard :class:`PhaseRouting` plus the relay width (latent frames): what ``relay`` mode attends through.
     ``relay_attention(..., relay.routing, token_frame, relay.width)`` is what the processor runs."""
