@@ -1,12 +1,13 @@
 """The timeline phase editor in a real browser against a real ComfyUI (issue 4).
 
-Needs COMFYUI_DIR (a ComfyUI v0.8.0 checkout), Chromium (apt-get install -y chromium; or CHROMIUM=/path) and the
+Needs COMFYUI_DIR (a ComfyUI 0.33.0 or newer checkout), Chromium (apt-get install -y chromium; or CHROMIUM=/path) and the
 playwright Python package (its bundled browsers are not used). Skips with the reason when one is missing.
 
 ComfyUI runs on CPU from a temporary --base-directory with two packs symlinked into custom_nodes: this repository
 (when it provides the real ActAvatarPhasePrompt node) and tests/browser/stub_pack, which adds an output node that
 reports the phase script the engine received (and, until the real node exists, a stand-in ActAvatarPhasePrompt with
-the contract's schema). Screenshots go to artifacts/browser/.
+the contract's schema). Screenshots go to artifacts/browser/. With COMFYUI_FRONTEND_ROOT (see tests/comfy_server.py)
+the same tests run on another frontend release, e.g. the newest comfyui-frontend-package.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comfy_server import require_comfy_dir, running_comfy  # noqa: E402
+from comfy_server import frontend_root_from_env, frontend_version, require_comfy_dir, running_comfy  # noqa: E402
 
 from actavatar_core.phases import PhaseScript  # noqa: E402
 
@@ -288,6 +289,15 @@ def test_mouse_editing_reaches_the_api_prompt_and_the_engine(ui: Page):
     using_shared = SHARED_WORKFLOW.is_file() and _real_pack_present()
     workflow = json.loads(SHARED_WORKFLOW.read_text(encoding="utf-8")) if using_shared else _fixture_workflow()
     ui.load(workflow)
+    # The frontend under test is the one asked for: COMFYUI_FRONTEND_ROOT's release, else the installed package.
+    root = frontend_root_from_env()
+    if root is not None:
+        expected = frontend_version(root)
+    else:
+        from importlib.metadata import version
+
+        expected = version("comfyui-frontend-package")
+    assert ui.js("() => window.__COMFYUI_FRONTEND_VERSION__") == expected
     # The extension is one script (phase_model.mjs is imported by it, never listed as an extension of its own),
     # registered once even when the web folder is served under two names.
     ours = [e for e in ui.comfy.get_json("/extensions") if "actavatar" in e.lower() or "phase_model" in e]
@@ -412,6 +422,7 @@ def test_keyboard_undo_redo_and_engine_rejections_marked(ui: Page):
     ui.page.keyboard.press("Delete")
     ui.page.wait_for_timeout(200)
     assert ui.phases(node) == [[0.5, 2, "waves with the left hand"]]
+    assert ui.status(node) == "Phase 2 deleted (Ctrl+Z undoes)."
     assert ui.js("() => app.graph.nodes.length") == nodes_before, "Delete on the timeline must not delete the node"
     assert ui.tracker()[0] == undo_before + 1, "the delete must be one undo step"
 
@@ -431,6 +442,7 @@ def test_keyboard_undo_redo_and_engine_rejections_marked(ui: Page):
     ui.click_at(node, 4.5)
     tl.locator(".aa-delete").click()
     assert ui.phases(node) == [[0.5, 2, "waves with the left hand"]]
+    assert ui.status(node) == "Phase 2 deleted (Ctrl+Z undoes)."
     ui.page.keyboard.press("Control+z")
     ui.page.wait_for_timeout(600)
     ui.wait_timeline(node)
@@ -593,3 +605,46 @@ def test_invalid_value_is_shown_and_kept(ui: Page):
     assert ui.value(4) == json.dumps(
         {"version": 1, "base": "A man talks", "negative": "", "phases": [{"start": 0.5, "end": 2.5, "text": "waves"}]}
     )
+
+
+def test_phase_colours_stay_with_their_phases(ui: Page):
+    """Adding a phase in front of others, deleting one, undoing and reloading never recolours the other phases."""
+    workflow = _fixture_workflow()
+    ui.load(workflow)
+    node = 4  # 0.5-2 s "waves with the left hand", 3-4.2 s "nods"; 8 s at 24 fps
+    ui.wait_timeline(node)
+
+    def colours() -> dict[str, tuple[str, str]]:
+        """phase text -> (colour slot, the block's painted background)"""
+        blocks = ui.tl(node).locator(".aa-block").evaluate_all(
+            "bs => bs.map(b => [b.querySelector('.aa-label').innerText, b.dataset.colour, "
+            "getComputedStyle(b).backgroundImage])")
+        return {text: (slot, paint) for text, slot, paint in blocks}
+
+    start = colours()
+    assert list(start) == ["waves with the left hand", "nods"]
+    assert start["waves with the left hand"][1] != start["nods"][1]
+
+    ui.drag(node, 0.1, 0.4)  # a new first phase
+    ui.page.keyboard.type("blinks")
+    ui.page.keyboard.press("Enter")
+    assert [p[2] for p in ui.phases(node)] == ["blinks", "waves with the left hand", "nods"]
+    added = colours()
+    assert {k: added[k] for k in start} == start
+    assert added["blinks"][1] not in {v[1] for v in start.values()}
+    ui.shot("colours_added_dark.png")
+
+    ui.click_at(node, 1.0)  # delete the (now second) phase "waves..."
+    ui.page.keyboard.press("Delete")
+    ui.page.wait_for_timeout(200)
+    assert ui.status(node) == "Phase 2 deleted (Ctrl+Z undoes)."
+    assert colours() == {k: added[k] for k in ("blinks", "nods")}
+
+    ui.page.keyboard.press("Control+z")
+    ui.page.wait_for_timeout(600)
+    ui.wait_timeline(node)
+    assert colours() == added, "undo brings the deleted phase back in its own colour"
+
+    ui.load(ui.workflow())  # saved and opened again
+    ui.wait_timeline(node)
+    assert colours() == added
