@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's packages (actavatar_lab for scoring), not another installed copy
 OUT_DIR = Path(__file__).resolve().parent
 DEMO_DIR = ROOT / "actavatar_core" / "assets" / "demo"
 WORKFLOW = ROOT / "workflows" / "actavatar_timeline.json"
