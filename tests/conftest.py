@@ -1,5 +1,5 @@
 """Shared fixtures (tiny models of the real classes, built in-process: no download, no GPU), the `slow` marks of
-the README test command's split, and the CI rule that integration and browser tests never skip."""
+the README test command's split, and the CI rule that no test skips there."""
 
 from __future__ import annotations
 
@@ -118,42 +118,34 @@ def _existing() -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------ CI
-#: Tests that need a real ComfyUI (and Chromium): they skip with the reason on a developer machine without one, but
-#: CI provides both, so there a skip means the CI setup lost something and must fail the run.
-REAL_COMFY_MARKERS = ("integration", "browser")
-REAL_COMFY_DIRS = ("tests/integration/", "tests/browser/")
+# Tests skip with the reason where something they need is missing (COMFYUI_DIR, Chromium, node, torchrun), which is
+# fine on a developer's machine. CI (.ci/run, CI=true) provides all of it, so there a skip means the setup lost
+# something, and it fails the run: every integration and browser test, and every other test, runs in CI.
 
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-def _needs_real_comfy(nodeid: str, item: pytest.Item | None = None) -> bool:
-    if nodeid.replace("\\", "/").startswith(REAL_COMFY_DIRS):
-        return True
-    return item is not None and any(item.get_closest_marker(m) for m in REAL_COMFY_MARKERS)
-
-
 def _fail_skip(report, what: str) -> None:
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     report.outcome = "failed"
-    report.longrepr = (f"{what} skipped in CI (CI=true), where every integration and browser test must run: "
-                       f"{reason}")
+    report.longrepr = f"{what} skipped in CI (CI=true), where every test must run: {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
-    """In CI a skipped integration or browser test fails (an expected failure, xfail, stays as it is)."""
+    """In CI a skipped test fails (an expected failure, xfail, stays as it is)."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and not hasattr(report, "wasxfail") and _in_ci() and _needs_real_comfy(item.nodeid, item):
+    if report.skipped and not hasattr(report, "wasxfail") and _in_ci():
         _fail_skip(report, "test")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector):
-    """In CI a module of tests/integration or tests/browser that skips as a whole fails too."""
+    """In CI a test module that skips as a whole fails too."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and _in_ci() and _needs_real_comfy(report.nodeid):
+    if report.skipped and _in_ci():
         _fail_skip(report, "module")
