@@ -288,6 +288,8 @@ def _declared_default(entry: dict, key: str, inputs: dict[str, Any]) -> Any:
     options = spec[1] if len(spec) > 1 else {}
     if "default" in options:
         return options["default"]
+    if spec[0] == DYNAMIC_COMBO:
+        return options["options"][0]["key"]
     return _options(spec)[0] if spec[0] == "COMBO" or isinstance(spec[0], list) else None
 
 
