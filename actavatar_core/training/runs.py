@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..bundle import ActAvatarModels
+from ..bundle import ActAvatarModels, load_model_folder, save_model_folder
 from .config import TrainConfig
 from .data import Annotation
 
@@ -22,8 +22,6 @@ def load_models(cfg: TrainConfig) -> tuple[ActAvatarModels, Any]:
     ``folder`` (an ActAvatar model folder) or ``files`` (users' checkpoints, read by :mod:`actavatar_core.loading`)."""
     init = cfg.models.get("init", "mini-scratch")
     if init == "folder":
-        from ..bundle import load_model_folder
-
         models = load_model_folder(cfg.models["folder"])
         return models, models.transformer
     if init == "files":
@@ -119,8 +117,6 @@ def load_stage_weights(transformer: Any, stage_dir: Path) -> None:
 
 def export_model(models: ActAvatarModels, folder: "str | Path", info: dict[str, Any]) -> Path:
     """The trained model as an ActAvatar model folder (what ``--model-dir`` and the bundled default load)."""
-    from ..bundle import save_model_folder
-
     spm = models.info.get("spiece_model")
     out = save_model_folder(models, folder, info=info)
     if spm:
