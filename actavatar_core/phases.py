@@ -289,20 +289,10 @@ def frames_for_duration(seconds: float, fps: float) -> int:
     return VAE_TEMPORAL_STRIDE * math.ceil((needed - 1) / VAE_TEMPORAL_STRIDE) + 1
 
 
-def clip_duration(num_frames: int, fps: float) -> float:
-    """Length in seconds of ``num_frames`` frames shown at ``fps`` (the last frame lasts 1/fps)."""
-    return num_frames / fps
-
-
 def latent_frame_times(num_latent_frames: int, fps: float) -> list[float]:
     """The time each latent frame stands for: pixel frame i is the instant i/fps; latent frame 0 is pixel frame 0,
     latent frame j >= 1 is the centre of pixel frames 4j-3..4j, i.e. (4j - 1.5)/fps."""
     return [0.0] + [(VAE_TEMPORAL_STRIDE * j - 1.5) / fps for j in range(1, num_latent_frames)]
-
-
-def latent_frame_pixel_range(j: int) -> tuple[int, int]:
-    """Inclusive range of pixel frames that latent frame ``j`` decodes to."""
-    return (0, 0) if j == 0 else (VAE_TEMPORAL_STRIDE * j - 3, VAE_TEMPORAL_STRIDE * j)
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -4,8 +4,7 @@ import pytest
 
 from actavatar_core.errors import PhaseScriptError
 from actavatar_core.phases import (
-    MAX_PHASES, Phase, PhaseScript, clip_duration, frames_for_duration, latent_frame_count, latent_frame_pixel_range,
-    latent_frame_times,
+    MAX_PHASES, Phase, PhaseScript, frames_for_duration, latent_frame_count, latent_frame_times,
 )
 
 
@@ -81,11 +80,9 @@ def test_latent_grid_matches_vae_stride():
     assert latent_frame_count(125) == 32 and latent_frame_count(1) == 1
     with pytest.raises(PhaseScriptError, match="4k\\+1"):
         latent_frame_count(124)
-    assert latent_frame_pixel_range(0) == (0, 0) and latent_frame_pixel_range(3) == (9, 12)
     assert latent_frame_times(3, 25) == [0.0, 2.5 / 25, 6.5 / 25]
     assert frames_for_duration(5.0, 25) == 125 and frames_for_duration(5.0, 24) == 121
     assert frames_for_duration(4.97, 24) == 121 and (frames_for_duration(4.97, 24) - 1) % 4 == 0
-    assert clip_duration(125, 25) == 5.0
 
 
 def test_fps_changes_the_grid():
