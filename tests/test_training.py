@@ -353,7 +353,10 @@ def test_config_rejects_negative_motion_weight(tmp_path):
 
 
 def test_vae_decoder_stage_keeps_the_encoder_and_the_cache(tmp_path, dataset):
-    from actavatar_core.training.data import fingerprint, vae_encoding_modules
+    from actavatar_core.training.data import fingerprints, vae_encoding_modules
+
+    def fingerprint(*modules):
+        return fingerprints(*modules, extras=[None])[0]
 
     cfg = _cfg(tmp_path, dataset, stages=["stage0"], stage0={"steps": 1, "prompt": "global"})
     run_training(cfg, progress=False, log=lambda m: None)
