@@ -6,10 +6,10 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
       "name": "actavatar-mini",
       "output_dir": "runs/mini",
       "seed": 0,
-      "data": {"dataset": "data/synth-train",            # annotations.jsonl + clips/ (see actavatar_core/synth)
+      "data": {"dataset": "data/synth-train",            # annotations.jsonl + clips/ (see actavatar_lab/synth)
                "synth": {"clips": 400, "seed": 0, "size": 128, "fps": 25, "duration": 3.0},  # generate if missing
                "cache": "runs/mini/cache", "shard_size": 64},
-      "models": {"init": "mini-scratch" | "files" | "folder",
+      "models": {"init": "mini-scratch" | "files" | "folder",  # mini-scratch: actavatar_lab.recipe builds them
                  "folder": "...",                          # init=folder: an ActAvatar model folder
                  "files": {"transformer": "...", "vae": "...", "text_encoder": "...", "audio_encoder": "...",
                            "actavatar": null},             # init=files: users' checkpoints (actavatar_core.loading)
