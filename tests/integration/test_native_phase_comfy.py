@@ -57,7 +57,10 @@ def comfy():
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401 - parses --cpu before anything else touches devices
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # another test module may have imported comfy_api (and the args) first
+        import comfy.model_management  # noqa: F401 - CPU before anything else touches devices
         import comfy.model_patcher
         import comfy.sample
         import comfy.sd
