@@ -1,7 +1,9 @@
-"""The shipped native-model workflow (core's Wan2.2 TI2V-5B chain + ActAvatar Phase Control): its UI and API files
-are what :func:`build` writes (``python tests/test_native_workflows.py`` rewrites them), our nodes' widget values
-pass their schemas, and every core node's inputs, widget order and output slots are those of a real ComfyUI 0.33
-(``COMFYUI_DIR``, read in a subprocess, since ComfyUI's ``nodes`` module and the pack's ``nodes`` package clash).
+"""The shipped native-model workflows (core's Wan2.2 TI2V-5B and S2V-14B chains + ActAvatar Phase Prompt, Phase
+Text Encode, Phase Control and Phase Guider): their UI and API files are what :func:`build` writes
+(``python tests/test_native_workflows.py`` rewrites them), the native nodes' widget values pass their schemas, every
+core node's inputs, widget order and output slots are those of a real ComfyUI 0.33, and ComfyUI's own
+``validate_prompt`` accepts each API prompt with the pack loaded (``COMFYUI_DIR``; both in a subprocess, since
+ComfyUI's ``nodes`` module and the pack's ``nodes`` package clash in one process).
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = "actavatar_native_ti2v"
-UI_FILE = ROOT / "workflows" / f"{NAME}.json"
-API_FILE = ROOT / "workflows" / "api" / f"{NAME}.json"
-
 SCRIPT = json.dumps({
     "version": 1,
     "base": "A woman with short dark hair in a green jacket stands in a sunny park and talks to the camera",
@@ -43,7 +41,7 @@ Phase Control routes each latent frame's text attention to the base prompt and t
 
 #: id -> (type, title, [(widget name or None for a UI-only widget, value)], {input: (source id, slot)},
 #:        [(output name, type)], pos, size). Widget values in the node's widget order.
-GRAPH: dict[int, tuple] = {
+TI2V: dict[int, tuple] = {
     1: ("UNETLoader", "Load Diffusion Model (Wan2.2 TI2V-5B)",
         [("unet_name", "wan2.2_ti2v_5B_fp16.safetensors"), ("weight_dtype", "default")], {}, [("MODEL", "MODEL")],
         (20, 40), (330, 90)),
@@ -87,45 +85,130 @@ GRAPH: dict[int, tuple] = {
          [("filename_prefix", "video/ActAvatar_native"), ("format", "auto"), ("format.codec", "auto"),
           ("codec", "auto")], {"video": (16, 0)}, [("video", "VIDEO")], (1720, 420), (400, 400)),
 }
-#: Link inputs that are optional in the node's schema (drawn with the optional shape in the UI).
-OPTIONAL_INPUTS = {(9, "start_image")}
-#: Unlinked optional link inputs the UI shows (a socket left free).
-FREE_INPUTS = {5: [("audio", "AUDIO")], 16: [("audio", "AUDIO")]}
+S2V_SCRIPT = json.dumps({
+    "version": 1,
+    "base": "A person with tan skin, a red shirt and long brown hair on a blue background talks",
+    "negative": "",
+    "phases": [{"start": 0.3, "end": 1.3, "text": "raises the left hand"},
+               {"start": 1.6, "end": 2.9, "text": "waves the right hand"}],
+})
+S2V_NOTE = """ActAvatar on Wan2.2 S2V-14B (ComfyUI's own speech-to-video model: real lip sync) with timed actions.
+
+Model files (community names, ComfyUI's model folders):
+- diffusion_models/wan2.2_s2v_14B_fp8_scaled.safetensors (or _bf16)
+- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- audio_encoders/wav2vec2_large_english_fp16.safetensors
+- vae/wan_2.1_vae.safetensors (S2V uses the Wan2.1 VAE)
+
+VRAM: the model makers' README runs S2V-14B on one GPU with at least 80 GB (their full-precision command);
+ComfyUI's fp8 file with its offloading needs less. Not measured by ActAvatar.
+
+Timing: 49 frames at 16 fps = 3.06 s, the demo speech's length (3.08 s). S2V runs at 16 fps: the Phase Prompt's
+fps is 16; its duration 0 follows the connected speech. For a longer clip chain WanSoundImageToVideoExtend and set
+Phase Control's start_seconds (and clip_seconds) so phases keep the clip's timing."""
+
+S2V: dict[int, tuple] = {
+    1: ("UNETLoader", "Load Diffusion Model (Wan2.2 S2V-14B)",
+        [("unet_name", "wan2.2_s2v_14B_fp8_scaled.safetensors"), ("weight_dtype", "default")], {},
+        [("MODEL", "MODEL")], (20, 40), (330, 90)),
+    2: ("CLIPLoader", "Load CLIP (umT5)",
+        [("clip_name", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("type", "wan"), ("device", "default")], {},
+        [("CLIP", "CLIP")], (20, 170), (330, 110)),
+    3: ("VAELoader", "Load VAE (Wan2.1)", [("vae_name", "wan_2.1_vae.safetensors")], {}, [("VAE", "VAE")],
+        (20, 320), (330, 60)),
+    4: ("AudioEncoderLoader", "Load Audio Encoder (wav2vec2)",
+        [("audio_encoder_name", "wav2vec2_large_english_fp16.safetensors")], {},
+        [("AUDIO_ENCODER", "AUDIO_ENCODER")], (20, 420), (330, 60)),
+    5: ("LoadImage", "Reference image", [("image", "actavatar_demo_reference.png"), (None, "image")], {},
+        [("IMAGE", "IMAGE"), ("MASK", "MASK")], (20, 520), (330, 330)),
+    6: ("LoadAudio", "Speech", [("audio", "actavatar_demo_speech.wav"), (None, None), (None, None)], {},
+        [("AUDIO", "AUDIO")], (20, 890), (330, 140)),
+    7: ("AudioEncoderEncode", "Audio Encoder Encode", [], {"audio_encoder": (4, 0), "audio": (6, 0)},
+        [("AUDIO_ENCODER_OUTPUT", "AUDIO_ENCODER_OUTPUT")], (400, 890), (300, 60)),
+    8: ("ActAvatarPhasePrompt", "ActAvatar Phase Prompt",
+        [("phase_script", S2V_SCRIPT), ("duration", 0.0), ("fps", 16.0)], {"audio": (6, 0)},
+        [("phase_prompt", "PHASE_PROMPT")], (400, 40), (520, 330)),
+    9: ("ActAvatarPhaseTextEncode", "ActAvatar Phase Text Encode", [("negative", "")],
+        {"clip": (2, 0), "phase_prompt": (8, 0)},
+        [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], (980, 40), (330, 160)),
+    10: ("WanSoundImageToVideo", "WanSoundImageToVideo",
+         [("width", 640), ("height", 640), ("length", 49), ("batch_size", 1)],
+         {"positive": (9, 0), "negative": (9, 1), "vae": (3, 0), "audio_encoder_output": (7, 0), "ref_image": (5, 0)},
+         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (980, 260), (330, 250)),
+    11: ("ModelSamplingSD3", "ModelSamplingSD3", [("shift", 8.0)], {"model": (1, 0)}, [("MODEL", "MODEL")],
+         (400, 420), (300, 60)),
+    12: ("ActAvatarPhaseControl", "ActAvatar Phase Control",
+         [("mode", "routed"), ("feather", 2.0), ("relay_width", 2.0), ("start_seconds", 0.0), ("clip_seconds", 0.0)],
+         {"model": (11, 0)}, [("model", "MODEL")], (400, 520), (330, 180)),
+    13: ("ActAvatarPhaseGuider", "ActAvatar Phase Guider", [("cfg", 6.0), ("phase_cfg", 2.0)],
+         {"model": (12, 0), "positive": (10, 0), "negative": (10, 1)}, [("guider", "GUIDER")], (1360, 40), (300, 130)),
+    14: ("KSamplerSelect", "KSamplerSelect", [("sampler_name", "uni_pc")], {}, [("SAMPLER", "SAMPLER")],
+         (1360, 220), (300, 60)),
+    15: ("BasicScheduler", "BasicScheduler", [("scheduler", "simple"), ("steps", 20), ("denoise", 1.0)],
+         {"model": (12, 0)}, [("SIGMAS", "SIGMAS")], (1360, 320), (300, 110)),
+    16: ("RandomNoise", "RandomNoise", [("noise_seed", 42), (None, "fixed")], {}, [("NOISE", "NOISE")],
+         (1360, 470), (300, 90)),
+    17: ("SamplerCustomAdvanced", "SamplerCustomAdvanced", [],
+         {"noise": (16, 0), "guider": (13, 0), "sampler": (14, 0), "sigmas": (15, 0), "latent_image": (10, 2)},
+         [("output", "LATENT"), ("denoised_output", "LATENT")], (1700, 40), (300, 130)),
+    18: ("VAEDecode", "VAE Decode", [], {"samples": (17, 0), "vae": (3, 0)}, [("IMAGE", "IMAGE")],
+         (1700, 220), (220, 50)),
+    19: ("CreateVideo", "Create Video", [("fps", 16.0), ("bit_depth", 8)], {"images": (18, 0), "audio": (6, 0)},
+         [("VIDEO", "VIDEO")], (1700, 320), (300, 100)),
+    20: ("SaveVideo", "Save Video",
+         [("filename_prefix", "video/ActAvatar_native_s2v"), ("format", "auto"), ("format.codec", "auto"),
+          ("codec", "auto")], {"video": (19, 0)}, [("video", "VIDEO")], (1700, 470), (400, 400)),
+}
+
+#: name -> (graph, link inputs that are optional in their schema (drawn with the optional shape), unlinked optional
+#: link inputs the UI shows, the note's text, the phase script and clip length it must fit, its output node)
+WORKFLOWS = {
+    "actavatar_native_ti2v": (TI2V, {(9, "start_image")}, {5: [("audio", "AUDIO")], 16: [("audio", "AUDIO")]},
+                              NOTE, SCRIPT, 121 / 24.0, 24.0, "17"),
+    "actavatar_native_s2v": (S2V, {(8, "audio"), (10, "audio_encoder_output"), (10, "ref_image"), (19, "audio")},
+                             {10: [("control_video", "IMAGE"), ("ref_motion", "IMAGE")]}, S2V_NOTE, S2V_SCRIPT,
+                             49 / 16.0, 16.0, "20"),
+}
 OURS = {"ActAvatarPhasePrompt", "ActAvatarPhaseTextEncode", "ActAvatarPhaseControl", "ActAvatarPhaseGuider"}
 
 
-def _input_type(node_id: int, name: str) -> str:
-    src, slot = GRAPH[node_id][3][name]
-    return GRAPH[src][4][slot][1]
+def _files(name: str) -> tuple[Path, Path]:
+    return ROOT / "workflows" / f"{name}.json", ROOT / "workflows" / "api" / f"{name}.json"
 
 
-def _order() -> dict[int, int]:
+def _input_type(graph: dict, node_id: int, name: str) -> str:
+    src, slot = graph[node_id][3][name]
+    return graph[src][4][slot][1]
+
+
+def _order(graph: dict) -> dict[int, int]:
     done: list[int] = []
-    while len(done) < len(GRAPH):
-        for nid, node in GRAPH.items():
+    while len(done) < len(graph):
+        for nid, node in graph.items():
             if nid not in done and all(src in done for src, _ in node[3].values()):
                 done.append(nid)
     return {nid: i for i, nid in enumerate(done)}
 
 
-def build() -> tuple[dict, dict]:
-    """(UI workflow, API prompt)."""
+def build(name: str) -> tuple[dict, dict]:
+    """(UI workflow, API prompt) of one shipped workflow."""
+    graph, optional_inputs, free_inputs, note = WORKFLOWS[name][:4]
     links, link_of = [], {}
-    for nid, node in GRAPH.items():
+    for nid, node in graph.items():
         for name, (src, slot) in node[3].items():
             link_id = len(links) + 1
-            links.append([link_id, src, slot, nid, None, _input_type(nid, name)])
+            links.append([link_id, src, slot, nid, None, _input_type(graph, nid, name)])
             link_of[(nid, name)] = link_id
-    order = _order()
+    order = _order(graph)
     nodes = []
-    for nid, (kind, title, widgets, inputs, outputs, pos, size) in GRAPH.items():
+    for nid, (kind, title, widgets, inputs, outputs, pos, size) in graph.items():
         ins = []
         for name in inputs:
-            entry = {"name": name, "type": _input_type(nid, name), "link": link_of[(nid, name)]}
-            if (nid, name) in OPTIONAL_INPUTS:
+            entry = {"name": name, "type": _input_type(graph, nid, name), "link": link_of[(nid, name)]}
+            if (nid, name) in optional_inputs:
                 entry = {"name": name, "shape": 7, "type": entry["type"], "link": entry["link"]}
             ins.append(entry)
-        for name, kind_ in FREE_INPUTS.get(nid, []):
+        for name, kind_ in free_inputs.get(nid, []):
             ins.append({"name": name, "shape": 7, "type": kind_, "link": None})
         for slot, (name, _) in enumerate(inputs.items()):
             links[link_of[(nid, name)] - 1][4] = [i["name"] for i in ins].index(name)
@@ -138,15 +221,15 @@ def build() -> tuple[dict, dict]:
                       "properties": {"cnr_id": "actavatar" if kind in OURS else "comfy-core",
                                      "ver": "0.1.0" if kind in OURS else "0.33.0", "Node name for S&R": kind},
                       "widgets_values": [value for _, value in widgets]})
-    note_id = max(GRAPH) + 1
+    note_id = max(graph) + 1
     nodes.append({"id": note_id, "type": "Note", "pos": [20, 800], "size": [900, 330], "flags": {},
-                  "order": len(GRAPH), "mode": 0, "inputs": [], "outputs": [], "title": "Read me: models, VRAM, timing",
-                  "properties": {}, "widgets_values": [NOTE], "color": "#432", "bgcolor": "#653"})
-    ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"actavatar/{NAME}")), "revision": 0, "last_node_id": note_id,
+                  "order": len(graph), "mode": 0, "inputs": [], "outputs": [], "title": "Read me: models, VRAM, timing",
+                  "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
+    ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"actavatar/{name}")), "revision": 0, "last_node_id": note_id,
           "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {},
           "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": "1.49.6"}, "version": 0.4}
     api = {}
-    for nid, (kind, title, widgets, inputs, _, _, _) in GRAPH.items():
+    for nid, (kind, title, widgets, inputs, _, _, _) in graph.items():
         values = {name: value for name, value in widgets if name is not None}
         values.update({name: [str(src), slot] for name, (src, slot) in inputs.items()})
         api[str(nid)] = {"class_type": kind, "inputs": values, "_meta": {"title": title}}
@@ -158,28 +241,36 @@ def _dump(data: dict) -> str:
 
 
 def write() -> None:
-    ui, api = build()
-    UI_FILE.write_text(_dump(ui))
-    API_FILE.write_text(_dump(api))
+    for name in WORKFLOWS:
+        ui, api = build(name)
+        ui_file, api_file = _files(name)
+        ui_file.write_text(_dump(ui))
+        api_file.write_text(_dump(api))
 
 
-def test_committed_files_are_what_build_writes():
-    ui, api = build()
-    assert UI_FILE.read_text() == _dump(ui), f"run: python {Path(__file__).relative_to(ROOT)}"
-    assert API_FILE.read_text() == _dump(api), f"run: python {Path(__file__).relative_to(ROOT)}"
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_committed_files_are_what_build_writes(name):
+    ui, api = build(name)
+    ui_file, api_file = _files(name)
+    assert ui_file.read_text() == _dump(ui), f"run: python {Path(__file__).relative_to(ROOT)}"
+    assert api_file.read_text() == _dump(api), f"run: python {Path(__file__).relative_to(ROOT)}"
 
 
-def test_every_link_joins_matching_types_and_every_output_is_used_or_final():
-    ui, api = build()
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_every_link_joins_matching_types(name):
+    ui, api = build(name)
     by_id = {n["id"]: n for n in ui["nodes"]}
     for link_id, src, slot, dst, dst_slot, kind in ui["links"]:
         assert by_id[src]["outputs"][slot]["type"] == kind == by_id[dst]["inputs"][dst_slot]["type"]
         assert link_id in by_id[src]["outputs"][slot]["links"] and by_id[dst]["inputs"][dst_slot]["link"] == link_id
     assert {n["class_type"] for n in api.values()} >= OURS
-    assert api["14"]["inputs"]["guider"] == ["10", 0] and api["10"]["inputs"]["model"] == ["8", 0]
+    guider = next(k for k, n in api.items() if n["class_type"] == "ActAvatarPhaseGuider")
+    control = next(k for k, n in api.items() if n["class_type"] == "ActAvatarPhaseControl")
+    assert api[guider]["inputs"]["model"] == [control, 0]
 
 
-def test_our_nodes_values_pass_their_schemas():
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_our_nodes_values_pass_their_schemas(name):
     from comfy_doubles import require_comfy_api
 
     require_comfy_api()
@@ -190,8 +281,9 @@ def test_our_nodes_values_pass_their_schemas():
     spec.loader.exec_module(native)
     from actavatar_core.phases import PhaseScript
 
+    graph, _, _, _, script, seconds, fps, _ = WORKFLOWS[name]
     classes = {cls.GET_SCHEMA().node_id: cls for cls in native.NODES}
-    _, api = build()
+    _, api = build(name)
     for nid, node in api.items():
         cls = classes.get(node["class_type"])
         if cls is None:
@@ -199,17 +291,19 @@ def test_our_nodes_values_pass_their_schemas():
         types = cls.INPUT_TYPES()
         declared = {**types.get("required", {}), **types.get("optional", {})}
         assert set(types.get("required", {})) <= set(node["inputs"]) <= set(declared), node["class_type"]
-        widgets = [name for name, value in GRAPH[int(nid)][2]]
+        widgets = [n for n, value in graph[int(nid)][2]]
         assert widgets == [n for n, v in declared.items() if v[0] in ("INT", "FLOAT", "STRING", "COMBO", "BOOLEAN")]
-        for name, value in node["inputs"].items():
-            kind, opts = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+        for key, value in node["inputs"].items():
+            if isinstance(value, list):
+                continue
+            kind, opts = declared[key][0], (declared[key][1] if len(declared[key]) > 1 else {})
             if kind == "COMBO":
-                assert value in opts["options"], (name, value)
+                assert value in opts["options"], (key, value)
             elif kind in ("INT", "FLOAT"):
-                assert opts.get("min", value) <= value <= opts.get("max", value), (name, value)
-    script = PhaseScript.parse(SCRIPT)
-    assert script.problems(duration=5.0, fps=24.0) == []
-    assert (121 / 24.0) >= 5.0  # the clip covers the Phase Prompt's duration
+                assert opts.get("min", value) <= value <= opts.get("max", value), (key, value)
+    prompt = next(n for n in api.values() if n["class_type"] == "ActAvatarPhasePrompt")["inputs"]
+    assert prompt["fps"] == fps
+    assert PhaseScript.parse(script).problems(duration=seconds, fps=fps) == []  # the script fits the clip
 
 
 def _core_schemas(types: list[str]) -> dict:
@@ -237,21 +331,23 @@ print("SCHEMAS" + json.dumps(out))
 
 
 @pytest.mark.integration
-def test_core_nodes_match_a_real_comfyui():
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_core_nodes_match_a_real_comfyui(name):
     if not os.environ.get("COMFYUI_DIR"):
         pytest.skip("COMFYUI_DIR is not set: point it at a copy of ComfyUI 0.33.0 to check the core nodes' schemas")
-    core = sorted({node[0] for node in GRAPH.values()} - OURS)
+    graph = WORKFLOWS[name][0]
+    core = sorted({node[0] for node in graph.values()} - OURS)
     schemas = _core_schemas(core)
     links = ("MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "NOISE", "GUIDER", "SAMPLER", "SIGMAS", "VIDEO", "AUDIO",
-             "CONDITIONING")
-    for nid, (kind, _, widgets, inputs, outputs, _, _) in GRAPH.items():
+             "CONDITIONING", "AUDIO_ENCODER", "AUDIO_ENCODER_OUTPUT")
+    for nid, (kind, _, widgets, inputs, outputs, _, _) in graph.items():
         if kind in OURS:
             continue
         schema = schemas[kind]
         assert [k for _, k in outputs] == schema["outputs"], kind
         declared = {n: (k, group) for n, k, group, _ in schema["inputs"]}
-        for name in inputs:
-            assert declared[name][0] == _input_type(nid, name), (kind, name)
+        for key in inputs:
+            assert declared[key][0] == _input_type(graph, nid, key), (kind, key)
         required_links = {n for n, (k, group) in declared.items() if group == "required" and k in links}
         assert required_links <= set(inputs), (kind, required_links - set(inputs))
         expected = []
@@ -263,13 +359,16 @@ def test_core_nodes_match_a_real_comfyui():
                 expected.append(None)  # the UI's control_after_generate value
         if kind == "LoadImage":
             expected.append(None)  # the upload widget
+        if kind == "LoadAudio":
+            expected += [None, None]  # the upload and preview widgets
         if kind == "SaveVideo":  # format is a dynamic combo whose codec option sits right after it
             expected.insert(expected.index("format") + 1, "format.codec")
         assert [n for n, _ in widgets] == expected, kind
 
 
 @pytest.mark.integration
-def test_comfyui_validates_the_api_prompt_with_the_pack_loaded(tmp_path):
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_comfyui_validates_the_api_prompt_with_the_pack_loaded(tmp_path, name):
     """ComfyUI's own ``execution.validate_prompt`` (types, links, combo values, ranges, our VALIDATE_INPUTS) on the
     API prompt, with the pack loaded as a custom node and empty model files of the community names in place."""
     if not os.environ.get("COMFYUI_DIR"):
@@ -277,16 +376,30 @@ def test_comfyui_validates_the_api_prompt_with_the_pack_loaded(tmp_path):
     custom = tmp_path / "custom_nodes"
     custom.mkdir()
     (custom / "actavatar").symlink_to(ROOT)
-    _, api = build()
-    files = {"diffusion_models": api["1"]["inputs"]["unet_name"], "text_encoders": api["2"]["inputs"]["clip_name"],
-             "vae": api["3"]["inputs"]["vae_name"]}
-    for folder, name in files.items():
+    _, api = build(name)
+    api_file = _files(name)[1]
+    wanted = {"UNETLoader": ("diffusion_models", "unet_name"), "CLIPLoader": ("text_encoders", "clip_name"),
+              "VAELoader": ("vae", "vae_name"), "AudioEncoderLoader": ("audio_encoders", "audio_encoder_name")}
+    files = {wanted[n["class_type"]][0]: n["inputs"][wanted[n["class_type"]][1]] for n in api.values()
+             if n["class_type"] in wanted}
+    for folder, file_name in files.items():
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / name).write_bytes(b"")
+        (tmp_path / folder / file_name).write_bytes(b"")
     (tmp_path / "input").mkdir()
+    import numpy as np
     from PIL import Image
 
-    Image.new("RGB", (64, 64)).save(tmp_path / "input" / api["4"]["inputs"]["image"])
+    for node in api.values():
+        if node["class_type"] == "LoadImage":
+            Image.new("RGB", (64, 64)).save(tmp_path / "input" / node["inputs"]["image"])
+        if node["class_type"] == "LoadAudio":
+            import wave
+
+            with wave.open(str(tmp_path / "input" / node["inputs"]["audio"]), "wb") as out:
+                out.setnchannels(1)
+                out.setsampwidth(2)
+                out.setframerate(16000)
+                out.writeframes((np.sin(np.arange(16000 * 3) / 10) * 8000).astype("<i2").tobytes())
     code = f"""
 import asyncio, json, sys
 sys.argv = [sys.argv[0], "--cpu"]; sys.path.insert(0, {os.environ["COMFYUI_DIR"]!r})
@@ -298,7 +411,7 @@ folder_paths.set_input_directory({str(tmp_path / "input")!r})
 folder_paths.add_model_folder_path("custom_nodes", {str(custom)!r}, is_default=True)
 import nodes, execution
 asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-prompt = json.load(open({str(API_FILE)!r}))
+prompt = json.load(open({str(api_file)!r}))
 valid = asyncio.run(execution.validate_prompt("test", prompt, None))
 print("VALID" + json.dumps([valid[0], valid[1], valid[2], {{k: v for k, v in valid[3].items()}}], default=str))
 """
@@ -308,7 +421,7 @@ print("VALID" + json.dumps([valid[0], valid[1], valid[2], {{k: v for k, v in val
     assert line, out.stderr[-3000:]
     ok, error, outputs, node_errors = json.loads(line[0][len("VALID"):])
     assert ok, (error, node_errors)
-    assert outputs == ["17"]
+    assert outputs == [WORKFLOWS[name][7]]
 
 
 if __name__ == "__main__":
