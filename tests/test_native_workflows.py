@@ -193,6 +193,7 @@ def _order(graph: dict) -> dict[int, int]:
 def build(name: str) -> tuple[dict, dict]:
     """(UI workflow, API prompt) of one shipped workflow."""
     graph, optional_inputs, free_inputs, note = WORKFLOWS[name][:4]
+    workflow_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"actavatar/{name}"))
     links, link_of = [], {}
     for nid, node in graph.items():
         for name, (src, slot) in node[3].items():
@@ -225,7 +226,7 @@ def build(name: str) -> tuple[dict, dict]:
     nodes.append({"id": note_id, "type": "Note", "pos": [20, 800], "size": [900, 330], "flags": {},
                   "order": len(graph), "mode": 0, "inputs": [], "outputs": [], "title": "Read me: models, VRAM, timing",
                   "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
-    ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"actavatar/{name}")), "revision": 0, "last_node_id": note_id,
+    ui = {"id": workflow_id, "revision": 0, "last_node_id": note_id,
           "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {},
           "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": "1.49.6"}, "version": 0.4}
     api = {}
