@@ -578,3 +578,21 @@ def test_s2v_routes_its_video_frames_by_time(comfy, s2v_model):
         other = ctx.clone()
         other[:, BLOCK_IDS == phase] += 0.5
         assert _changed_frames(base, _sample(comfy, patched, pos(other, SPANS), negative, noise)) == _window_frames(phase)
+
+
+def test_the_node_classes_run_their_functions(comfy, tiny_clip, model):
+    """The V3 nodes' execute (what ComfyUI calls) chain: Phase Text Encode -> Phase Control -> Phase Guider."""
+    node = comfy.node
+    prompt = types.SimpleNamespace(script=SCRIPT, fps=FPS)
+    positive, negative = node.ActAvatarPhaseTextEncode.execute(tiny_clip.clip, prompt, "").args
+    assert positive[0][1][N.PHASE_SPANS_KEY].num_phases == 2 and N.PHASE_SPANS_KEY not in negative[0][1]
+    (patched,) = node.ActAvatarPhaseControl.execute(model, "relay", 2.0, 3.0, 0.5, 0.0).args
+    assert patched is not model and patched.get_wrappers("outer_sample", node.WRAPPER_KEY)
+    assert patched.get_wrappers("outer_sample", node.WRAPPER_KEY)[0].settings == N.PhaseControlSettings(
+        "relay", 2.0, 3.0, 0.5, 0.0)
+    (guider,) = node.ActAvatarPhaseGuider.execute(patched, positive, negative, 4.0, 1.5).args
+    assert (guider.cfg, guider.phase_cfg) == (4.0, 1.5) and set(guider.original_conds) == {"positive", "negative",
+                                                                                          "phase_base"}
+    for cls in node.NODES:
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id.startswith("ActAvatar") and schema.category == "ActAvatar/native"
