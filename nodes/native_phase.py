@@ -156,6 +156,10 @@ def apply_phase_control(model: Any, mode: str = "routed", feather: float = 2.0, 
         if isinstance(previous, PhasedCrossAttention):
             raise ActAvatarError("This model already has ActAvatar Phase Control.",
                                  "Use one Phase Control node per model (remove the second one).")
+        if getattr(previous, "__func__", None) is not type(attn).forward or getattr(previous, "__self__", None) is not attn:
+            raise ActAvatarError(f"Another node already replaced the text cross-attention of block {i} "
+                                 f"({previous!r}); Phase Control would bypass it on the routed pass.",
+                                 "Remove one of the two nodes: both replace the text cross-attention.")
         m.add_object_patch(name + ".forward", PhasedCrossAttention(attn, previous))
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, PhaseSpecsWrapper(settings))
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, PlanCallWrapper())

@@ -231,6 +231,10 @@ def test_bad_input_is_refused_with_a_fix(comfy, model):
         _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise[:, :, :5])
     with pytest.raises(ActAvatarError, match="already has ActAvatar Phase Control"):
         comfy.node.apply_phase_control(patched, "routed")
+    foreign = model.clone()
+    foreign.add_object_patch("diffusion_model.blocks.0.cross_attn.forward", lambda *a, **k: None)
+    with pytest.raises(ActAvatarError, match="Another node already replaced the text cross-attention of block 0"):
+        comfy.node.apply_phase_control(foreign, "routed")
     other = comfy.model_patcher.ModelPatcher(types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)),
                                              torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ActAvatarError, match="works on ComfyUI's Wan models; this model is a Linear"):
