@@ -151,9 +151,10 @@ def sample(transformer: Any, cond: Conditioning, first_latent: torch.Tensor, num
            check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
     """Denoise from seeded noise to normalised latents (1, C, F, h, w); the first latent frame is the reference."""
     options.check()
+    from .memory import execution_device
     from .model import compute_dtype
 
-    device, dtype = next(transformer.parameters()).device, compute_dtype(transformer)
+    device, dtype = execution_device(transformer), compute_dtype(transformer)  # offloaded weights wait on the CPU
     _, channels, _, h, w = first_latent.shape
     p_t, p_h, p_w = transformer.config.patch_size
     if h % p_h or w % p_w:

@@ -62,7 +62,12 @@ def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
 def encode_video(vae: Any, video: torch.Tensor) -> torch.Tensor:
     """Normalised latents of a (1, 3, T, H, W) [-1, 1] video (the distribution's mode, as Wan's pipelines use)."""
     param = next(vae.parameters())
-    latents = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode().float()
+    tiling = getattr(vae, "use_tiling", False)
+    vae.use_tiling = False  # the reference is one frame: encoded whole, so a tiled-decode memory mode keeps its latent
+    try:
+        latents = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode().float()
+    finally:
+        vae.use_tiling = tiling
     mean, std = latent_stats(vae, latents.device)
     return (latents - mean) / std
 
@@ -84,13 +89,17 @@ def decode_stream(vae: Any, latents: torch.Tensor, chunk_latent_frames: int = 4,
 @torch.no_grad()
 def decode_chunks(vae: Any, latents: torch.Tensor, chunk_latent_frames: int = 4,
                   check_cancel: Callable[[], None] | None = None) -> Iterator[torch.Tensor]:
-    """Float (1, 3, t, H, W) chunks in [-1, 1]; concatenated they equal ``vae.decode`` of the whole latent."""
+    """Float (1, 3, t, H, W) chunks in [-1, 1]; concatenated they equal ``vae.decode`` of the whole latent (with
+    diffusers' tiling switched on, ``vae.enable_tiling()``, they equal its ``tiled_decode``)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     param = next(vae.parameters())
     mean, std = latent_stats(vae, param.device)
     z = latents.to(param.device, torch.float32) * std + mean
     z = z.to(param.dtype)
+    if _tiles(vae, z) is not None:
+        yield from _decode_chunks_tiled(vae, z, chunk_latent_frames, check_cancel)
+        return
     vae.clear_cache()
     try:
         pending: list[torch.Tensor] = []
@@ -107,6 +116,71 @@ def decode_chunks(vae: Any, latents: torch.Tensor, chunk_latent_frames: int = 4,
             if len(pending) >= chunk_latent_frames or i == z.shape[2] - 1:
                 yield torch.cat(pending, dim=2)
                 pending = []
+    finally:
+        vae.clear_cache()
+
+
+def _tiles(vae: Any, z: torch.Tensor) -> dict[str, int] | None:
+    """diffusers' tile geometry for ``z`` (latent and pixel strides, blend widths), or None when
+    ``AutoencoderKLWan._decode`` would not tile: tiling off, or a latent no larger than one tile."""
+    height, width = z.shape[-2:]
+    ratio = vae.spatial_compression_ratio
+    if not getattr(vae, "use_tiling", False) or (width <= vae.tile_sample_min_width // ratio
+                                                 and height <= vae.tile_sample_min_height // ratio):
+        return None
+    patch = vae.config.patch_size or 1
+    stride_h, stride_w = vae.tile_sample_stride_height // patch, vae.tile_sample_stride_width // patch
+    return {"lat_h": vae.tile_sample_min_height // ratio, "lat_w": vae.tile_sample_min_width // ratio,
+            "lat_stride_h": vae.tile_sample_stride_height // ratio, "lat_stride_w": vae.tile_sample_stride_width // ratio,
+            "stride_h": stride_h, "stride_w": stride_w, "blend_h": vae.tile_sample_min_height // patch - stride_h,
+            "blend_w": vae.tile_sample_min_width // patch - stride_w,
+            "height": height * ratio // patch, "width": width * ratio // patch}
+
+
+def _decode_chunks_tiled(vae: Any, z: torch.Tensor, chunk_latent_frames: int,
+                         check_cancel: Callable[[], None] | None) -> Iterator[torch.Tensor]:
+    """``AutoencoderKLWan.tiled_decode`` streamed in time: each spatial tile keeps its own causal feature cache
+    across chunks, and every chunk's tiles are blended and cropped exactly as ``tiled_decode`` does for the whole
+    clip (its blends are per frame), so device memory holds one tile's activations and one chunk of frames."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    g = _tiles(vae, z)
+    assert g is not None
+    height, width = z.shape[-2:]
+    origins = [(i, j) for i in range(0, height, g["lat_stride_h"]) for j in range(0, width, g["lat_stride_w"])]
+    caches: dict[tuple[int, int], list] = {}
+    try:
+        for first in range(0, z.shape[2], chunk_latent_frames):
+            if check_cancel is not None:
+                check_cancel()
+            decoded: dict[tuple[int, int], torch.Tensor] = {}
+            for i, j in origins:
+                vae.clear_cache()
+                vae._feat_map = caches.setdefault((i, j), vae._feat_map)
+                frames = []
+                for k in range(first, min(first + chunk_latent_frames, z.shape[2])):
+                    vae._conv_idx = [0]
+                    tile = vae.post_quant_conv(z[:, :, k: k + 1, i: i + g["lat_h"], j: j + g["lat_w"]])
+                    frames.append(vae.decoder(tile, feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                              first_chunk=(k == 0)))
+                decoded[(i, j)] = torch.cat(frames, dim=2)
+            rows_i = sorted({i for i, _ in origins})
+            cols_j = sorted({j for _, j in origins})
+            rows = [[decoded[(i, j)] for j in cols_j] for i in rows_i]
+            result_rows = []
+            for r, row in enumerate(rows):
+                result_row = []
+                for c, tile in enumerate(row):
+                    if r > 0:
+                        tile = vae.blend_v(rows[r - 1][c], tile, g["blend_h"])
+                    if c > 0:
+                        tile = vae.blend_h(row[c - 1], tile, g["blend_w"])
+                    result_row.append(tile[:, :, :, :g["stride_h"], :g["stride_w"]])
+                result_rows.append(torch.cat(result_row, dim=-1))
+            out = torch.cat(result_rows, dim=3)[:, :, :, :g["height"], :g["width"]]
+            if vae.config.patch_size is not None:
+                out = unpatchify(out, patch_size=vae.config.patch_size)
+            yield out.clamp(-1.0, 1.0)
     finally:
         vae.clear_cache()
 
