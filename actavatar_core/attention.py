@@ -46,7 +46,11 @@ TokenRun = tuple[int, int, tuple[tuple[frozenset[int], float], ...]]
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend=None, attn_mask=None) -> torch.Tensor:
-    """(B, S, H, D) attention through diffusers' dispatcher, so ``set_attention_backend`` (flash, sage, ...) applies."""
+    """(B, S, H, D) attention through diffusers' dispatcher, so ``set_attention_backend`` (flash, sage, ...) applies.
+    A callable ``backend`` is another framework's attention, ``backend(query, key, value, attn_mask)`` on the same
+    layout (ComfyUI's optimized attention for phase control on its native models)."""
+    if callable(backend):
+        return backend(query, key, value, attn_mask)
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False, backend=backend)

@@ -48,6 +48,10 @@ NATIVE_MODES = ("routed", "feathered", "relay")
 
 #: attend(q, k, v) on (B, S, H*D) tensors -> (B, L, H*D): the framework's own attention (ComfyUI's optimized one).
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: attend_heads(q, k, v, mask) on (B, S, H, D) tensors -> (B, L, H, D), ``mask`` None, boolean (True: visible) or an
+#: additive float bias broadcasting to (B, H, L, S): the framework's attention for the routed runs, so its backend
+#: choice (sage, flash, ...) applies to them too. None: the engine's own (diffusers' dispatcher).
+HeadsAttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -266,11 +270,12 @@ def plan_call(specs: Mapping[Any, PhaseSpans], settings: PhaseControlSettings, *
 
 
 def phase_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, plan: CallPlan,
-                          attend: AttendFn) -> torch.Tensor:
+                          attend: AttendFn, attend_heads: HeadsAttendFn | None = None) -> torch.Tensor:
     """Text cross-attention of a batched call, (B, L, H*D) in and out. Chunks without routing go through
     ``attend`` unchanged; in routed chunks the clip's tokens run the engine's
-    :func:`~actavatar_core.attention.phase_attention` (run-wise routed attention, or relay's biased attention), and
-    the tokens after them (not clip frames) go through ``attend`` with every text token."""
+    :func:`~actavatar_core.attention.phase_attention` (run-wise routed attention, or relay's biased attention; each
+    attention call through ``attend_heads`` when given), and the tokens after them (not clip frames) go through
+    ``attend`` with every text token."""
     chunks = len(plan.routings)
     if q.shape[0] % chunks:
         raise ActAvatarError(f"A batch of {q.shape[0]} does not split into {chunks} conditioning chunks.",
@@ -288,7 +293,7 @@ def phase_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
             continue
         qh, kh, vh = (t[sl].unflatten(2, (heads, -1)) for t in (q[:, first:end], k, v))
         token_frame = chunk.token_frame(plan.tokens_per_frame, q.device)
-        parts = [phase_attention(qh, kh, vh, chunk.routing, token_frame).flatten(2).to(q.dtype)]
+        parts = [phase_attention(qh, kh, vh, chunk.routing, token_frame, attend_heads).flatten(2).to(q.dtype)]
         if first > 0:
             parts.insert(0, attend(q[sl, :first], k[sl], v[sl]))
         if q.shape[1] > end:

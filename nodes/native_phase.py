@@ -67,12 +67,31 @@ class PhasedCrossAttention:
         def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
             return wan.optimized_attention(q_, k_, v_, heads=m.num_heads, transformer_options=options)
 
-        out = engine.phase_cross_attention(q, k, v, m.num_heads, plan, attend)
+        out = engine.phase_cross_attention(q, k, v, m.num_heads, plan, attend,
+                                           lambda *a: comfy_attention(*a, heads=m.num_heads, options=options))
         if self.image_branch:
             k_img, v_img = m.norm_k_img(m.k_img(context_img)), m.v_img(context_img)
             out = out + wan.optimized_attention(q, k_img, v_img, heads=m.num_heads, transformer_options=options,
                                                 low_precision_attention=False)
         return m.o(out)
+
+
+def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, heads: int,
+                    options: dict) -> torch.Tensor:
+    """The engine's routed attention calls, (B, S, H, D) in and out, through ComfyUI's attention: the one it picked
+    for Wan (``--use-sage-attention``, flash, ...; an override in the transformer options too), or ComfyUI's masked
+    attention for a call with a mask (a boolean mask becomes 0 / -inf logits, which every ComfyUI backend adds)."""
+    import comfy.ldm.modules.attention as comfy_attn
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    kw = dict(skip_reshape=True, skip_output_reshape=True, transformer_options=options)
+    if mask is None:
+        out = _wan().optimized_attention(q, k, v, heads, **kw)
+    else:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask.to(q.device), -torch.inf)
+        out = comfy_attn.optimized_attention_masked(q, k, v, heads, mask.to(q.dtype), **kw)
+    return out.transpose(1, 2)
 
 
 class PhaseSpecsWrapper:

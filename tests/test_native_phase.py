@@ -201,3 +201,23 @@ def test_phase_guidance_base_pass_hides_every_phase_in_every_mode():
         torch.testing.assert_close(out, _attend(q, k[:, base], v[:, base]), rtol=1e-6, atol=1e-6)
     full = torch.ones(9 * TPF, 4)
     torch.testing.assert_close(N.phase_guidance(full, full * 3, full * 2, 0.5), full * 1.5)
+
+
+@pytest.mark.parametrize("mode", ["routed", "feathered", "relay"])
+def test_routed_attention_calls_go_through_a_given_attention_function(mode):
+    """attend_heads (the framework's attention on (B, S, H, D), mask None / boolean / additive) takes every attention
+    call of the routed chunks; the result matches the engine's own dispatcher."""
+    q, k, v = _qkv(2, 9)
+    plan = _plan(9, chunks=2, settings=N.PhaseControlSettings(mode, 2.0, 1.5))
+    masks: list = []
+
+    def sdpa(q_, k_, v_, mask):
+        masks.append(None if mask is None else mask.dtype)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q_.dtype).masked_fill_(~mask, -torch.inf)
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q_, k_, v_)), attn_mask=mask).transpose(1, 2)
+
+    expected = N.phase_cross_attention(q, k, v, HEADS, plan, _attend)
+    got = N.phase_cross_attention(q, k, v, HEADS, plan, _attend, sdpa)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert masks and (set(masks) == {torch.float32} if mode == "relay" else set(masks) == {None})

@@ -600,3 +600,33 @@ def test_the_node_classes_run_their_functions(comfy, tiny_clip, model):
     for cls in node.NODES:
         schema = cls.GET_SCHEMA()
         assert schema.node_id.startswith("ActAvatar") and schema.category == "ActAvatar/native"
+
+
+@pytest.mark.parametrize("mode", ["routed", "relay"])
+def test_routed_runs_go_through_comfyuis_attention(comfy, model, mode):
+    """The routed runs (index-selected keys) and relay's biased call go through ComfyUI's attention function, so an
+    attention override (and the backend ComfyUI picked: sage, flash, ...) applies to them too; same result."""
+    ctx, neg, noise = _inputs()
+    patched = comfy.node.apply_phase_control(model, mode)
+    expected = _sample(comfy, patched, _phased(ctx), [[neg, {}]], noise)
+    calls: list[dict] = []
+
+    def override(func, *args, **kwargs):
+        calls.append({"skip_reshape": kwargs.get("skip_reshape", False), "mask": kwargs.get("mask") is not None
+                      or len(args) > 4 and args[4] is not None})
+        return func(*args, **kwargs)
+
+    seen = patched.clone()
+    seen.model_options["transformer_options"]["optimized_attention_override"] = override
+    assert torch.equal(_sample(comfy, seen, _phased(ctx), [[neg, {}]], noise), expected)
+    routed_calls = [c for c in calls if c["skip_reshape"]]  # only the routed path hands over per-head tensors
+    assert routed_calls
+    assert all(c["mask"] for c in routed_calls) == (mode == "relay")  # relay's bias rides along as a float mask
+
+    def scaled(func, *args, **kwargs):  # the override really produces the routed attention's output
+        out = func(*args, **kwargs)
+        return out * 0.5 if kwargs.get("skip_reshape") else out
+
+    halved = patched.clone()
+    halved.model_options["transformer_options"]["optimized_attention_override"] = scaled
+    assert not torch.equal(_sample(comfy, halved, _phased(ctx), [[neg, {}]], noise), expected)
