@@ -245,10 +245,14 @@ def _parser(name: str, repeats: int) -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     rest = argv[1:]
-    if not rest or rest[0] not in ("paca", "timestep", "method"):
-        print("usage: actavatar bench paca [options] | actavatar bench timestep [options] | actavatar bench method [options]",
-              file=sys.stderr)
+    if not rest or rest[0] not in ("paca", "timestep", "method", "clip"):
+        print("usage: actavatar bench paca [options] | actavatar bench timestep [options] | actavatar bench method [options]"
+              " | actavatar bench clip [options]", file=sys.stderr)
         return 2
+    if rest[0] == "clip":  # one clip end to end at the 5B shape, per stage (its own module: it builds whole models)
+        from .bench_clip import main as clip_main
+
+        return clip_main(rest[1:])
     if rest[0] == "method":
         from .cli import run_module
 

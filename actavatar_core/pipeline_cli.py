@@ -95,6 +95,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--smoke", action="store_true", help="use tiny random models (pipeline check, output is noise)")
+    p.add_argument("--memory-mode", choices=["auto", "full", "fp8", "offload", "fp8-offload"], default="auto",
+                   help="how the models sit in device memory (actavatar_core.memory): auto picks from the free GPU "
+                        "memory; fp8 stores weights in fp8; offload streams the transformer's blocks from the CPU")
     p.add_argument("--context-parallel", choices=["ulysses", "ring"], default="ulysses",
                    help="under torchrun with several processes: how diffusers splits the video tokens across GPUs")
     return p
@@ -346,6 +349,22 @@ def check_inputs(command: str, args: argparse.Namespace) -> CheckedInputs:
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def _apply_memory_mode(models: Any, args: argparse.Namespace, inputs: CheckedInputs, device: Any, rank: int,
+                       mode: str) -> None:
+    """Put the models in ``mode`` (:func:`actavatar_core.memory.apply_memory_mode`), counting this clip's own
+    activations when ``auto`` fits a mode to the free memory; rank 0 prints the mode and any fallback."""
+    from .audio import load_waveform
+    from .memory import activation_bytes, apply_memory_mode
+    from .model import compute_dtype
+    from .phases import frames_for_duration
+
+    frames = inputs.num_frames or frames_for_duration(load_waveform(inputs.audio).duration, inputs.fps)
+    acts = activation_bytes(models.transformer.config, models.vae.config, width=inputs.width, height=inputs.height,
+                            frames=frames, itemsize=compute_dtype(models.transformer).itemsize)
+    apply_memory_mode(models, mode, device, activations=acts,
+                      log=(lambda line: print(line, flush=True)) if rank == 0 else None)
+
+
 def _run(command: str, args: argparse.Namespace, inputs: CheckedInputs) -> int:
     from tqdm import tqdm
 
@@ -361,13 +380,18 @@ def _run(command: str, args: argparse.Namespace, inputs: CheckedInputs) -> int:
         if args.device == "auto":
             args.device = str(cp_device)
     device, dtype = resolve_device(args.device, args.dtype)
+    if world > 1 and args.memory_mode not in ("auto", "full"):
+        raise CliInputError(f"--memory-mode {args.memory_mode} is not combined with context parallelism.",
+                            "Leave --memory-mode at auto or full under torchrun.")
     started = time.time()
+    load_device = device if args.memory_mode in ("auto", "full") else "cpu"  # a lean mode never holds it all at once
     if args.model_dir:
-        models = load_model_folder(args.model_dir, device=device, dtype=dtype)
+        models = load_model_folder(args.model_dir, device=load_device, dtype=dtype)
         defaults = models.info.get("defaults", {})
     else:
-        models, defaults = load_default_models(device=device, dtype=dtype, smoke=args.smoke)
+        models, defaults = load_default_models(device=load_device, dtype=dtype, smoke=args.smoke)
     label = models.info.get("name", "model")
+    _apply_memory_mode(models, args, inputs, device, rank, "full" if world > 1 else args.memory_mode)
     if world > 1:
         enable_context_parallel(models.transformer, world, args.context_parallel)
     if rank == 0:
