@@ -168,6 +168,7 @@ BAD = [
     ("--device", "tpu", "not a device name"),
     ("--dtype", "fp8", "invalid choice"),
     ("--context-parallel", "pipeline", "invalid choice"),
+    ("--memory-mode", "half", "invalid choice"),
     ("--overwrite=yes", None, "gnored explicit argument"),
     ("--smoke=1", None, "gnored explicit argument"),
     ("--frobnicate", None, "nrecognized arguments"),
