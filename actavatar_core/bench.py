@@ -245,9 +245,9 @@ def _parser(name: str, repeats: int) -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     rest = argv[1:]
-    if not rest or rest[0] not in ("paca", "timestep", "method", "clip"):
+    if not rest or rest[0] not in ("paca", "timestep", "method", "clip", "native"):
         print("usage: actavatar bench paca [options] | actavatar bench timestep [options] | actavatar bench method [options]"
-              " | actavatar bench clip [options]", file=sys.stderr)
+              " | actavatar bench clip [options] | actavatar bench native [options]", file=sys.stderr)
         return 2
     if rest[0] == "clip":  # one clip end to end at the 5B shape, per stage (its own module: it builds whole models)
         from .bench_clip import main as clip_main
@@ -257,6 +257,10 @@ def main(argv: list[str]) -> int:
         from .cli import run_module
 
         return run_module("actavatar_lab.evaluation", rest, "bench method")
+    if rest[0] == "native":  # Phase Control on ComfyUI's own Wan model: the harness imports ComfyUI, the engine never
+        from .cli import run_module
+
+        return run_module("actavatar_lab.bench_native", rest, "bench native")
     if rest[0] == "timestep":
         p = _parser("timestep", repeats=3)
         p.add_argument("--dim", type=int, default=3072)

@@ -295,7 +295,7 @@ def encode_phase_prompt(clip: Any, phase_prompt: Any, negative: str = "") -> tup
 
 # ================================================================================================ nodes
 class ActAvatarPhaseControl(io.ComfyNode):
-    REQUIRES = ("diffusers",)  # the engine's routed attention runs through diffusers' attention dispatcher
+    REQUIRES = ()  # the routed attention runs through ComfyUI's own attention functions
 
     @classmethod
     def define_schema(cls) -> io.Schema:
