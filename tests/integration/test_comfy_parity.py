@@ -51,7 +51,12 @@ def comfy():
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401 - parses --cpu before anything else touches devices
+        import comfy.cli_args
+
+        # A test module that imported comfy_api first (the nodes' tests, at collection) had comfy.cli_args parse
+        # no arguments; --cpu must hold before comfy.model_management picks its device (else it probes CUDA).
+        comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401 - on the CPU, before anything else touches devices
         import comfy.model_patcher  # noqa: F401
         import comfy.ops
         import comfy.sd
