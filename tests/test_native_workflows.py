@@ -160,6 +160,39 @@ S2V: dict[int, tuple] = {
           ("codec", "auto")], {"video": (19, 0)}, [("video", "VIDEO")], (1700, 470), (400, 400)),
 }
 
+LONG_SCRIPT = json.dumps({
+    "version": 1,
+    "base": "A woman with short dark hair in a green jacket stands in a sunny park and talks to the camera",
+    "negative": "",
+    "phases": [{"start": 1.0, "end": 4.0, "text": "raises her right hand and waves"},
+               {"start": 4.5, "end": 6.5, "text": "points at the camera with her left hand"},
+               {"start": 7.5, "end": 9.5, "text": "crosses her arms"}],
+})
+LONG_NOTE = """ActAvatar on Wan2.2 TI2V-5B, a 10 s clip in ComfyUI's context windows: timed actions across the windows.
+
+Model files (community names, ComfyUI's model folders):
+- diffusion_models/wan2.2_ti2v_5B_fp16.safetensors
+- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors (or umt5_xxl_fp16.safetensors)
+- vae/wan2.2_vae.safetensors
+
+VRAM: as the 5 s TI2V workflow (the model makers run TI2V-5B at 720p on one 24 GB GPU with offloading): each
+context window samples 121 frames at a time; the whole latent is kept. Not measured by ActAvatar.
+
+Timing: 241 frames at 24 fps = 10.04 s in windows of 121 frames overlapping by 30. Phase Control sits before
+WanContextWindowsManual and routes every window's frames by the clip's absolute time, so a phase that starts in one
+window and ends in the next keeps its timing (the Phase Prompt's fps must be the video's fps, 24 here)."""
+LONG = {nid: node for nid, node in TI2V.items()}
+LONG[5] = (*TI2V[5][:2], [("phase_script", LONG_SCRIPT), ("duration", 10.0), ("fps", 24.0)], *TI2V[5][3:])
+LONG[9] = (*TI2V[9][:2], [("width", 1280), ("height", 704), ("length", 241), ("batch_size", 1)], *TI2V[9][3:])
+LONG[10] = (*TI2V[10][:3], {**TI2V[10][3], "model": (18, 0)}, *TI2V[10][4:])
+LONG[12] = (*TI2V[12][:3], {"model": (18, 0)}, *TI2V[12][4:])
+LONG[17] = (*TI2V[17][:2], [("filename_prefix", "video/ActAvatar_native_long"), *TI2V[17][2][1:]], *TI2V[17][3:])
+LONG[18] = ("WanContextWindowsManual", "WanContextWindowsManual",
+            [("context_length", 121), ("context_overlap", 30), ("context_schedule", "standard_static"),
+             ("context_stride", 1), ("closed_loop", False), ("fuse_method", "pyramid"), ("freenoise", True),
+             ("retain_first_frame", False), ("split_conds_to_windows", False)],
+            {"model": (8, 0)}, [("MODEL", "MODEL")], (740, 640), (330, 270))
+
 #: name -> (graph, link inputs that are optional in their schema (drawn with the optional shape), unlinked optional
 #: link inputs the UI shows, the note's text, the phase script and clip length it must fit, its output node)
 WORKFLOWS = {
@@ -168,6 +201,8 @@ WORKFLOWS = {
     "actavatar_native_s2v": (S2V, {(8, "audio"), (10, "audio_encoder_output"), (10, "ref_image"), (19, "audio")},
                              {10: [("control_video", "IMAGE"), ("ref_motion", "IMAGE")]}, S2V_NOTE, S2V_SCRIPT,
                              49 / 16.0, 16.0, "20"),
+    "actavatar_native_ti2v_long": (LONG, {(9, "start_image")}, {5: [("audio", "AUDIO")], 16: [("audio", "AUDIO")]},
+                                   LONG_NOTE, LONG_SCRIPT, 241 / 24.0, 24.0, "17"),
 }
 OURS = {"ActAvatarPhasePrompt", "ActAvatarPhaseTextEncode", "ActAvatarPhaseControl", "ActAvatarPhaseGuider"}
 
@@ -267,7 +302,11 @@ def test_every_link_joins_matching_types(name):
     assert {n["class_type"] for n in api.values()} >= OURS
     guider = next(k for k, n in api.items() if n["class_type"] == "ActAvatarPhaseGuider")
     control = next(k for k, n in api.items() if n["class_type"] == "ActAvatarPhaseControl")
-    assert api[guider]["inputs"]["model"] == [control, 0]
+    # the guider's model is Phase Control's, directly or through core's model patches after it (context windows)
+    src = api[guider]["inputs"]["model"][0]
+    while src != control and "model" in api[src]["inputs"]:
+        src = api[src]["inputs"]["model"][0]
+    assert src == control
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
