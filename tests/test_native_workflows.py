@@ -1,5 +1,5 @@
-"""The shipped native-model workflows (core's Wan2.2 TI2V-5B and S2V-14B chains + ActAvatar Phase Prompt, Phase
-Text Encode, Phase Control and Phase Guider): their UI and API files are what :func:`build` writes
+"""The shipped native-model workflows (core's Wan2.2 TI2V-5B, the same in context windows for a long clip, S2V-14B and
+InfiniteTalk chains + ActAvatar Phase Prompt, Phase Text Encode, Phase Control and Phase Guider): their UI and API files are what :func:`build` writes
 (``python tests/test_native_workflows.py`` rewrites them), the native nodes' widget values pass their schemas, every
 core node's inputs, widget order and output slots are those of a real ComfyUI 0.33, and ComfyUI's own
 ``validate_prompt`` accepts each API prompt with the pack loaded (``COMFYUI_DIR``; both in a subprocess, since
@@ -193,6 +193,87 @@ LONG[18] = ("WanContextWindowsManual", "WanContextWindowsManual",
              ("retain_first_frame", False), ("split_conds_to_windows", False)],
             {"model": (8, 0)}, [("MODEL", "MODEL")], (740, 640), (330, 270))
 
+IT_NOTE = """ActAvatar on InfiniteTalk (Wan2.1 I2V-14B with core's InfiniteTalk patch: real lip sync) with timed actions.
+
+Model files (community names, ComfyUI's model folders):
+- diffusion_models/wan2.1_i2v_480p_14B_fp8_scaled.safetensors
+- model_patches/wan2.1_infiniteTalk_single_fp16.safetensors
+- text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors
+- clip_vision/clip_vision_h.safetensors
+- audio_encoders/wav2vec2-chinese-base_fp16.safetensors
+- vae/wan_2.1_vae.safetensors
+
+VRAM: InfiniteTalk's makers run the 480p model on one GPU with 24 GB or less using their offloading and low-VRAM
+options; ComfyUI's fp8 file with its offloading is the usual way. Not measured by ActAvatar.
+
+Timing: 81 frames at 25 fps = 3.24 s (InfiniteTalk runs at 25 fps: the Phase Prompt's fps is 25; its duration 0
+follows the connected speech). Phase Control comes after WanInfiniteTalkToVideo: InfiniteTalk's audio attention
+(its attn2 patch) runs after the routed text cross-attention in every block. For the next chunk (previous_frames),
+set Phase Control's start_seconds to the time of the chunk's first motion frame and clip_seconds to the whole clip."""
+
+IT: dict[int, tuple] = {
+    1: ("UNETLoader", "Load Diffusion Model (Wan2.1 I2V-14B 480p)",
+        [("unet_name", "wan2.1_i2v_480p_14B_fp8_scaled.safetensors"), ("weight_dtype", "default")], {},
+        [("MODEL", "MODEL")], (20, 40), (330, 90)),
+    2: ("CLIPLoader", "Load CLIP (umT5)",
+        [("clip_name", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("type", "wan"), ("device", "default")], {},
+        [("CLIP", "CLIP")], (20, 170), (330, 110)),
+    3: ("VAELoader", "Load VAE (Wan2.1)", [("vae_name", "wan_2.1_vae.safetensors")], {}, [("VAE", "VAE")],
+        (20, 320), (330, 60)),
+    4: ("CLIPVisionLoader", "Load CLIP Vision", [("clip_name", "clip_vision_h.safetensors")], {},
+        [("CLIP_VISION", "CLIP_VISION")], (20, 420), (330, 60)),
+    5: ("LoadImage", "Reference image", [("image", "actavatar_demo_reference.png"), (None, "image")], {},
+        [("IMAGE", "IMAGE"), ("MASK", "MASK")], (20, 520), (330, 330)),
+    6: ("CLIPVisionEncode", "CLIP Vision Encode", [("crop", "none")], {"clip_vision": (4, 0), "image": (5, 0)},
+        [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], (400, 620), (300, 80)),
+    7: ("ModelPatchLoader", "Load InfiniteTalk patch", [("name", "wan2.1_infiniteTalk_single_fp16.safetensors")],
+        {}, [("MODEL_PATCH", "MODEL_PATCH")], (20, 890), (330, 60)),
+    8: ("AudioEncoderLoader", "Load Audio Encoder (wav2vec2 chinese base)",
+        [("audio_encoder_name", "wav2vec2-chinese-base_fp16.safetensors")], {},
+        [("AUDIO_ENCODER", "AUDIO_ENCODER")], (20, 990), (330, 60)),
+    9: ("LoadAudio", "Speech", [("audio", "actavatar_demo_speech.wav"), (None, None), (None, None)], {},
+        [("AUDIO", "AUDIO")], (20, 1090), (330, 140)),
+    10: ("AudioEncoderEncode", "Audio Encoder Encode", [], {"audio_encoder": (8, 0), "audio": (9, 0)},
+         [("AUDIO_ENCODER_OUTPUT", "AUDIO_ENCODER_OUTPUT")], (400, 1090), (300, 60)),
+    11: ("ActAvatarPhasePrompt", "ActAvatar Phase Prompt",
+         [("phase_script", S2V_SCRIPT), ("duration", 0.0), ("fps", 25.0)], {"audio": (9, 0)},
+         [("phase_prompt", "PHASE_PROMPT")], (400, 40), (520, 330)),
+    12: ("ActAvatarPhaseTextEncode", "ActAvatar Phase Text Encode", [("negative", "")],
+         {"clip": (2, 0), "phase_prompt": (11, 0)},
+         [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], (980, 40), (330, 160)),
+    13: ("ModelSamplingSD3", "ModelSamplingSD3", [("shift", 8.0)], {"model": (1, 0)}, [("MODEL", "MODEL")],
+         (400, 420), (300, 60)),
+    14: ("WanInfiniteTalkToVideo", "WanInfiniteTalkToVideo",
+         [("mode", "single_speaker"), ("width", 832), ("height", 480), ("length", 81), ("motion_frame_count", 9),
+          ("audio_scale", 1.0)],
+         {"model": (13, 0), "model_patch": (7, 0), "positive": (12, 0), "negative": (12, 1), "vae": (3, 0),
+          "clip_vision_output": (6, 0), "start_image": (5, 0), "audio_encoder_output_1": (10, 0)},
+         [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
+          ("trim_image", "INT")], (980, 260), (330, 330)),
+    15: ("ActAvatarPhaseControl", "ActAvatar Phase Control",
+         [("mode", "routed"), ("feather", 2.0), ("relay_width", 2.0), ("start_seconds", 0.0), ("clip_seconds", 0.0)],
+         {"model": (14, 0)}, [("model", "MODEL")], (1340, 40), (330, 180)),
+    16: ("ActAvatarPhaseGuider", "ActAvatar Phase Guider", [("cfg", 5.0), ("phase_cfg", 2.0)],
+         {"model": (15, 0), "positive": (14, 1), "negative": (14, 2)}, [("guider", "GUIDER")], (1340, 260),
+         (300, 130)),
+    17: ("KSamplerSelect", "KSamplerSelect", [("sampler_name", "uni_pc")], {}, [("SAMPLER", "SAMPLER")],
+         (1340, 420), (300, 60)),
+    18: ("BasicScheduler", "BasicScheduler", [("scheduler", "simple"), ("steps", 20), ("denoise", 1.0)],
+         {"model": (15, 0)}, [("SIGMAS", "SIGMAS")], (1340, 520), (300, 110)),
+    19: ("RandomNoise", "RandomNoise", [("noise_seed", 42), (None, "fixed")], {}, [("NOISE", "NOISE")],
+         (1340, 670), (300, 90)),
+    20: ("SamplerCustomAdvanced", "SamplerCustomAdvanced", [],
+         {"noise": (19, 0), "guider": (16, 0), "sampler": (17, 0), "sigmas": (18, 0), "latent_image": (14, 3)},
+         [("output", "LATENT"), ("denoised_output", "LATENT")], (1700, 260), (300, 130)),
+    21: ("VAEDecode", "VAE Decode", [], {"samples": (20, 0), "vae": (3, 0)}, [("IMAGE", "IMAGE")],
+         (1700, 440), (220, 50)),
+    22: ("CreateVideo", "Create Video", [("fps", 25.0), ("bit_depth", 8)], {"images": (21, 0), "audio": (9, 0)},
+         [("VIDEO", "VIDEO")], (1960, 260), (300, 100)),
+    23: ("SaveVideo", "Save Video",
+         [("filename_prefix", "video/ActAvatar_native_infinitetalk"), ("format", "auto"), ("format.codec", "auto"),
+          ("codec", "auto")], {"video": (22, 0)}, [("video", "VIDEO")], (1960, 420), (400, 400)),
+}
+
 #: name -> (graph, link inputs that are optional in their schema (drawn with the optional shape), unlinked optional
 #: link inputs the UI shows, the note's text, the phase script and clip length it must fit, its output node)
 WORKFLOWS = {
@@ -201,6 +282,9 @@ WORKFLOWS = {
     "actavatar_native_s2v": (S2V, {(8, "audio"), (10, "audio_encoder_output"), (10, "ref_image"), (19, "audio")},
                              {10: [("control_video", "IMAGE"), ("ref_motion", "IMAGE")]}, S2V_NOTE, S2V_SCRIPT,
                              49 / 16.0, 16.0, "20"),
+    "actavatar_native_infinitetalk": (IT, {(11, "audio"), (14, "clip_vision_output"), (14, "start_image"),
+                                           (22, "audio")}, {14: [("previous_frames", "IMAGE")]}, IT_NOTE, S2V_SCRIPT,
+                                      81 / 25.0, 25.0, "23"),
     "actavatar_native_ti2v_long": (LONG, {(9, "start_image")}, {5: [("audio", "AUDIO")], 16: [("audio", "AUDIO")]},
                                    LONG_NOTE, LONG_SCRIPT, 241 / 24.0, 24.0, "17"),
 }
@@ -379,7 +463,8 @@ def test_core_nodes_match_a_real_comfyui(name):
     core = sorted({node[0] for node in graph.values()} - OURS)
     schemas = _core_schemas(core)
     links = ("MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "NOISE", "GUIDER", "SAMPLER", "SIGMAS", "VIDEO", "AUDIO",
-             "CONDITIONING", "AUDIO_ENCODER", "AUDIO_ENCODER_OUTPUT")
+             "CONDITIONING", "AUDIO_ENCODER", "AUDIO_ENCODER_OUTPUT", "CLIP_VISION", "CLIP_VISION_OUTPUT",
+             "MODEL_PATCH", "MASK")
     for nid, (kind, _, widgets, inputs, outputs, _, _) in graph.items():
         if kind in OURS:
             continue
@@ -419,7 +504,8 @@ def test_comfyui_validates_the_api_prompt_with_the_pack_loaded(tmp_path, name):
     _, api = build(name)
     api_file = _files(name)[1]
     wanted = {"UNETLoader": ("diffusion_models", "unet_name"), "CLIPLoader": ("text_encoders", "clip_name"),
-              "VAELoader": ("vae", "vae_name"), "AudioEncoderLoader": ("audio_encoders", "audio_encoder_name")}
+              "VAELoader": ("vae", "vae_name"), "AudioEncoderLoader": ("audio_encoders", "audio_encoder_name"),
+              "CLIPVisionLoader": ("clip_vision", "clip_name"), "ModelPatchLoader": ("model_patches", "name")}
     files = {wanted[n["class_type"]][0]: n["inputs"][wanted[n["class_type"]][1]] for n in api.values()
              if n["class_type"] in wanted}
     for folder, file_name in files.items():
