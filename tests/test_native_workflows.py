@@ -203,8 +203,8 @@ Model files (community names, ComfyUI's model folders):
 - audio_encoders/wav2vec2-chinese-base_fp16.safetensors
 - vae/wan_2.1_vae.safetensors
 
-VRAM: InfiniteTalk's makers run the 480p model on one GPU with 24 GB or less using their offloading and low-VRAM
-options; ComfyUI's fp8 file with its offloading is the usual way. Not measured by ActAvatar.
+VRAM: not measured by ActAvatar, and no figure of the model makers is quoted here: the 14B model's fp8 file alone
+is about 16 GB, so on smaller cards ComfyUI offloads part of it (slower).
 
 Timing: 81 frames at 25 fps = 3.24 s (InfiniteTalk runs at 25 fps: the Phase Prompt's fps is 25; its duration 0
 follows the connected speech). Phase Control comes after WanInfiniteTalkToVideo: InfiniteTalk's audio attention
