@@ -292,8 +292,8 @@ def apply_memory_mode(models: Any, mode: str, device: Any, *, activations: dict[
         if fp8_why:
             report.fallbacks.append(f"fp8 storage of the transformer does not apply: {fp8_why}; it stays in {compute}")
         else:
+            enable_fp8_storage(models.transformer, compute)  # cast where it is, then move 1-byte weights
             models.transformer.to(dev if not offload else "cpu")
-            enable_fp8_storage(models.transformer, compute)
             report.applied.append(f"transformer: fp8 storage, {str(compute).removeprefix('torch.')} compute per layer")
     if offload:
         enable_block_offload(models.transformer, dev)
@@ -303,9 +303,6 @@ def apply_memory_mode(models: Any, mode: str, device: Any, *, activations: dict[
         models.transformer.to(dev)
 
     te_device = torch.device("cpu") if plan.text_encoder == "cpu" else dev
-    models.text_encoder.to(te_device)
-    if plan.text_encoder == "cpu":
-        report.applied.append("text encoder: on the CPU (its output moves to the device once per prompt)")
     if plan.text_encoder_fp8:
         why = fp8_unsupported(te_device)
         if why:
@@ -313,6 +310,9 @@ def apply_memory_mode(models: Any, mode: str, device: Any, *, activations: dict[
         else:
             enable_fp8_storage(models.text_encoder, text_compute)
             report.applied.append(f"text encoder: fp8 storage, {str(text_compute).removeprefix('torch.')} compute per layer")
+    models.text_encoder.to(te_device)
+    if plan.text_encoder == "cpu":
+        report.applied.append("text encoder: on the CPU (its output moves to the device once per prompt)")
     models.vae.to(dev)
     models.audio_encoder.to(dev)
     if plan.vae_tiling:

@@ -384,7 +384,8 @@ def _run(command: str, args: argparse.Namespace, inputs: CheckedInputs) -> int:
         raise CliInputError(f"--memory-mode {args.memory_mode} is not combined with context parallelism.",
                             "Leave --memory-mode at auto or full under torchrun.")
     started = time.time()
-    load_device = device if args.memory_mode in ("auto", "full") else "cpu"  # a lean mode never holds it all at once
+    # Only "full" loads straight onto a GPU: auto and the lean modes place each model after it is known to fit.
+    load_device = device if args.memory_mode == "full" or str(device).split(":")[0] != "cuda" else "cpu"
     if args.model_dir:
         models = load_model_folder(args.model_dir, device=load_device, dtype=dtype)
         defaults = models.info.get("defaults", {})
