@@ -1,9 +1,10 @@
 """The shipped native workflows' node chains in a real ComfyUI server (0.33.0 at ``COMFYUI_DIR``), to a written MP4.
 
-Tiny files under the community names fill the server's ``models/`` folder: the Wan2.2 TI2V transformer goes through
-core's own UNETLoader (core detects tiny Wan models from their tensors). Core's CLIPLoader and VAELoader build the
-full-size umT5-XXL and Wan2.2 VAE whatever the file holds, so the test-only pack ``tests/native_stub_pack`` stands in
-for those two loaders (core's CLIP and VAE objects, widths from the file); every other node is the shipped one.
+Tiny files under the community names fill the server's ``models/`` folder: the Wan2.2 TI2V and S2V transformers go
+through core's own UNETLoader (core detects tiny Wan models from their tensors), S2V's Wan2.1 VAE through core's
+VAELoader. Core's CLIPLoader, its VAELoader for the Wan2.2 VAE and its AudioEncoderLoader build the full-size
+umT5-XXL, Wan2.2 VAE and wav2vec2 whatever the file holds, so the test-only pack ``tests/native_stub_pack`` stands in
+for those (core's CLIP, VAE and audio encoder objects, sizes from the file); every other node is the shipped one.
 
 Run: COMFYUI_DIR=/path/to/ComfyUI .venv/bin/python -m pytest -m integration tests/integration/test_native_server.py
 """
@@ -36,6 +37,58 @@ SCRIPT = {"version": 1, "base": "A woman talks to the camera", "negative": "",
                      {"start": 0.35, "end": 0.7, "text": "points at the camera"}]}
 
 
+S2V_FILES = {"unet": "wan2.2_s2v_14B_fp8_scaled.safetensors", "vae": "wan_2.1_vae.safetensors",
+             "audio": "wav2vec2_large_english_fp16.safetensors"}
+
+
+def _random_state(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (1 + 0.1 * torch.randn(v.shape, generator=g)) if "norm" in k and k.endswith(".weight")
+            else torch.randn(v.shape, generator=g) / max(1.0, v.shape[-1] ** 0.5) for k, v in net.state_dict().items()}
+
+
+def write_tiny_s2v_files(models: Path, comfy_dir: Path) -> None:
+    """A tiny Wan2.2 S2V transformer from ComfyUI's ``WanModel_S2V`` (core's UNETLoader detects it; the audio parts
+    at the sizes core's detection fixes), a tiny Wan2.1 VAE (core's VAELoader reads its width) and a small wav2vec2
+    from ComfyUI's ``Wav2Vec2Model``: 1024 wide and 24 layers as S2V reads it, feed-forward 64 wide (100M weights,
+    fp16 on disk)."""
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]  # ComfyUI's classes in this process, on the CPU
+    if str(comfy_dir) not in sys.path:
+        sys.path.append(str(comfy_dir))
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # another test module may have imported comfy_api (and the args) first
+        import comfy.ops
+    finally:
+        sys.argv = argv
+    from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model
+    from comfy.ldm.wan.model import WanModel_S2V
+    from safetensors.torch import save_file
+
+    net = WanModel_S2V(dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096, in_dim=16, out_dim=16,
+                       operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in _random_state(net, 41).items()},
+              str(models / "diffusion_models" / S2V_FILES["unet"]))
+    cc.write_comfy_wan21_vae(models / "vae" / S2V_FILES["vae"], dim=8, num_res_blocks=2)
+    import comfy.audio_encoders.wav2vec2 as w2v
+
+    original = w2v.TransformerEncoder
+    w2v.TransformerEncoder = lambda *a, **cfg: original(*a, **{**cfg, "mlp_ratio": 1 / 16})  # feed-forward 64 wide
+    try:
+        encoder = Wav2Vec2Model(embed_dim=1024, num_heads=16, num_layers=24, operations=comfy.ops.disable_weight_init,
+                                dtype=torch.float32)
+    finally:
+        w2v.TransformerEncoder = original
+    (models / "audio_encoders").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in _random_state(encoder, 42).items()},
+              str(models / "audio_encoders" / S2V_FILES["audio"]))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfy_dir = require_comfy_dir()
@@ -45,6 +98,7 @@ def server(tmp_path_factory):
                                    num_layers=1, dtype=torch.float32)
     cc.write_comfy_umt5(models / "text_encoders" / FILES["clip"], dtype=torch.float32, d_model=4096, num_layers=1)
     cc.write_comfy_wan22_vae(models / "vae" / FILES["vae"])
+    write_tiny_s2v_files(models, comfy_dir)
     srv = start_comfy(comfy_dir, base_dir=base, custom_nodes={"ComfyUI-ActAvatar": ROOT,
                                                                "actavatar_native_stub": TESTS / "native_stub_pack"})
     try:
@@ -145,3 +199,39 @@ def test_long_clip_workflow_runs_its_context_windows_to_the_mp4(server):
     prompt["10"]["inputs"]["model"] = prompt["12"]["inputs"]["model"] = ["8", 0]
     _, whole = run(server, prompt)
     assert (latent - whole).abs().max() > 1e-4
+
+
+def s2v_prompt() -> dict[str, Any]:
+    """The shipped S2V API workflow at a tiny size (49 frames at 16 fps: the demo speech's length), with the test
+    loaders in place of CLIPLoader and AudioEncoderLoader; core's UNETLoader and VAELoader load the tiny files."""
+    prompt = json.loads((ROOT / "workflows" / "api" / "actavatar_native_s2v.json").read_text(encoding="utf-8"))
+    assert (prompt["2"]["class_type"], prompt["4"]["class_type"]) == ("CLIPLoader", "AudioEncoderLoader")
+    prompt["1"]["inputs"]["unet_name"] = S2V_FILES["unet"]
+    prompt["2"] = {"class_type": "ActAvatarTestTinyWanCLIPLoader", "inputs": {"clip_name": FILES["clip"]}}
+    prompt["3"]["inputs"]["vae_name"] = S2V_FILES["vae"]
+    prompt["4"] = {"class_type": "ActAvatarTestTinyAudioEncoderLoader",
+                   "inputs": {"audio_encoder_name": S2V_FILES["audio"]}}
+    prompt["10"]["inputs"].update(width=SIZE, height=SIZE)
+    prompt["15"]["inputs"]["steps"] = 2
+    prompt["90"] = {"class_type": "SaveLatent", "inputs": {"samples": ["17", 0], "filename_prefix": "latents/s2v"}}
+    return prompt
+
+
+def test_native_s2v_workflow_runs_in_a_real_server_and_writes_the_mp4_with_the_speech(server):
+    from actavatar_core.video import probe_video
+
+    prompt = s2v_prompt()
+    path, latent = run(server, prompt)
+    info = probe_video(path)
+    frames = prompt["10"]["inputs"]["length"]
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac", info
+    assert (info["frames"], info["fps"], info["width"], info["height"]) == (frames, 16.0, SIZE, SIZE)
+    assert abs(info["audio_duration"] - frames / 16.0) < 0.1  # the demo speech (3.08 s) under a 3.06 s video
+    assert latent.shape[2] == (frames - 1) // 4 + 1
+    assert "Requested to load WAN22_S2V" in server.log_tail(200_000)  # core's S2V model class sampled
+    # the phases reached the model: without Phase Control (and phase guidance) the sampled latent differs
+    prompt["13"]["inputs"]["phase_cfg"] = 0.0
+    del prompt["12"]
+    prompt["13"]["inputs"]["model"] = prompt["15"]["inputs"]["model"] = ["11", 0]
+    _, plain = run(server, prompt)
+    assert (latent - plain).abs().max() > 1e-4

@@ -1,10 +1,10 @@
-"""Test-only ComfyUI pack (never shipped): tiny stand-ins for core's CLIPLoader and VAELoader.
+"""Test-only ComfyUI pack (never shipped): tiny stand-ins for core's CLIPLoader, VAELoader and AudioEncoderLoader.
 
-Core's CLIPLoader (type wan) and VAELoader (Wan2.2) build the full-size umT5-XXL and Wan2.2 VAE whatever the file
-holds, so a real-server run of the native workflows on CPU loads tiny files through these two nodes instead. Both
-build core's own objects (``comfy.sd.CLIP`` with Wan's tokenizer and ComfyUI's T5 class, ``comfy.sd.VAE`` with
-ComfyUI's Wan2.2 ``WanVAE``) with the sizes read from the file, so every node downstream sees what it sees with the
-real files.
+Core's CLIPLoader (type wan), VAELoader (Wan2.2) and AudioEncoderLoader (wav2vec2) build the full-size umT5-XXL,
+Wan2.2 VAE and wav2vec2 whatever the file holds, so a real-server run of the native workflows on CPU loads tiny files
+through these nodes instead. They build core's own objects (``comfy.sd.CLIP`` with Wan's tokenizer and ComfyUI's T5
+class, ``comfy.sd.VAE`` with ComfyUI's Wan2.2 ``WanVAE``, core's ``AudioEncoderModel`` with its ``Wav2Vec2Model``) with
+the sizes read from the file, so every node downstream sees what it sees with the real files.
 """
 
 from __future__ import annotations
@@ -82,6 +82,50 @@ def load_tiny_wan22_vae(path: str) -> object:
     return vae
 
 
+def load_tiny_wav2vec2(path: str) -> object:
+    """core's audio encoder object for a tiny wav2vec2 file (wav2vec2-large's layout; width and depth from the file)."""
+    import comfy.audio_encoders.audio_encoders as ae
+    import comfy.audio_encoders.wav2vec2 as w2v
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(path)
+    width = sd["encoder.layer_norm.bias"].shape[0]
+    layers = len({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    ffn = sd.get("encoder.layers.0.feed_forward.intermediate_dense.weight")
+    original = w2v.TransformerEncoder
+
+    def tiny(*args, **cfg):  # core fixes the feed-forward at 4x the width; this file's goes in instead
+        return original(*args, **{**cfg, "mlp_ratio": ffn.shape[0] / width if ffn is not None else 4.0})
+
+    with contextlib.ExitStack() as stack:
+        w2v.TransformerEncoder = tiny
+        stack.callback(setattr, w2v, "TransformerEncoder", original)
+        encoder = ae.AudioEncoderModel({"model_type": "wav2vec2", "embed_dim": width, "num_heads": max(1, width // 64),
+                                        "num_layers": layers, "conv_norm": True, "conv_bias": True,
+                                        "do_normalize": True, "do_stable_layer_norm": True})
+    missing, unexpected = encoder.load_sd(sd)
+    if missing or unexpected:
+        raise ValueError(f"tiny wav2vec2 {path}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    return encoder
+
+
+class ActAvatarTestTinyAudioEncoderLoader:
+    CATEGORY = "ActAvatar/test"
+    RETURN_TYPES = ("AUDIO_ENCODER",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {"audio_encoder_name": (folder_paths.get_filename_list("audio_encoders"),)}}
+
+    def load(self, audio_encoder_name):
+        import folder_paths
+
+        return (load_tiny_wav2vec2(folder_paths.get_full_path_or_raise("audio_encoders", audio_encoder_name)),)
+
+
 class ActAvatarTestTinyWanCLIPLoader:
     CATEGORY = "ActAvatar/test"
     RETURN_TYPES = ("CLIP",)
@@ -117,4 +161,5 @@ class ActAvatarTestTinyWanVAELoader:
 
 
 NODE_CLASS_MAPPINGS = {"ActAvatarTestTinyWanCLIPLoader": ActAvatarTestTinyWanCLIPLoader,
-                       "ActAvatarTestTinyWanVAELoader": ActAvatarTestTinyWanVAELoader}
+                       "ActAvatarTestTinyWanVAELoader": ActAvatarTestTinyWanVAELoader,
+                       "ActAvatarTestTinyAudioEncoderLoader": ActAvatarTestTinyAudioEncoderLoader}
