@@ -208,7 +208,9 @@ is about 16 GB, so on smaller cards ComfyUI offloads part of it (slower).
 
 Timing: 81 frames at 25 fps = 3.24 s (InfiniteTalk runs at 25 fps: the Phase Prompt's fps is 25; its duration 0
 follows the connected speech). Phase Control comes after WanInfiniteTalkToVideo: InfiniteTalk's audio attention
-(its attn2 patch) runs after the routed text cross-attention in every block. For the next chunk (previous_frames),
+(its attn2 patch) runs after the routed text cross-attention in every block.
+CFG 1 and phase_cfg 0: core's InfiniteTalk patch (ComfyUI 0.33) takes one pass per model call, and a CFG above 1 or
+phase guidance batches passes together, which it refuses (a shape error). The timing comes from Phase Control. For the next chunk (previous_frames),
 set Phase Control's start_seconds to the time of the chunk's first motion frame and clip_seconds to the whole clip."""
 
 IT: dict[int, tuple] = {
@@ -253,7 +255,7 @@ IT: dict[int, tuple] = {
     15: ("ActAvatarPhaseControl", "ActAvatar Phase Control",
          [("mode", "routed"), ("feather", 2.0), ("relay_width", 2.0), ("start_seconds", 0.0), ("clip_seconds", 0.0)],
          {"model": (14, 0)}, [("model", "MODEL")], (1340, 40), (330, 180)),
-    16: ("ActAvatarPhaseGuider", "ActAvatar Phase Guider", [("cfg", 5.0), ("phase_cfg", 2.0)],
+    16: ("ActAvatarPhaseGuider", "ActAvatar Phase Guider", [("cfg", 1.0), ("phase_cfg", 0.0)],
          {"model": (15, 0), "positive": (14, 1), "negative": (14, 2)}, [("guider", "GUIDER")], (1340, 260),
          (300, 130)),
     17: ("KSamplerSelect", "KSamplerSelect", [("sampler_name", "uni_pc")], {}, [("SAMPLER", "SAMPLER")],

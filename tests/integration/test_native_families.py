@@ -109,6 +109,17 @@ def test_infinitetalk_patch_and_phase_control_compose(comfy, infinitetalk):
     assert _changed_frames(base, _it_sample(comfy, other, *_i2v_conds(it, ctx, neg, SPANS), noise)) == set(range(FRAMES))
 
 
+def test_core_infinitetalk_takes_one_pass_per_call_so_the_workflow_runs_cfg_1(comfy, infinitetalk):
+    """Core's InfiniteTalk patch (0.33) fails on a batched cond + uncond call (its audio embeds are for one pass),
+    with or without Phase Control: why the shipped InfiniteTalk workflow runs CFG 1 without phase guidance. When a
+    ComfyUI fixes this, this test fails: then raise the workflow's cfg."""
+    it = infinitetalk
+    ctx, neg, _ = _inputs()
+    noise = torch.randn(1, 16, FRAMES, 4, 4, generator=torch.Generator().manual_seed(27))
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):
+        _sample(comfy, it.talk, *_i2v_conds(it, ctx, neg), noise, cfg=4.0)
+
+
 # ================================================================================================ Wan2.2 A14B
 @pytest.fixture(scope="module")
 def a14b(comfy):
