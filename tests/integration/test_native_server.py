@@ -1,10 +1,11 @@
 """The shipped native workflows' node chains in a real ComfyUI server (0.33.0 at ``COMFYUI_DIR``), to a written MP4.
 
-Tiny files under the community names fill the server's ``models/`` folder: the Wan2.2 TI2V and S2V transformers go
-through core's own UNETLoader (core detects tiny Wan models from their tensors), S2V's Wan2.1 VAE through core's
-VAELoader. Core's CLIPLoader, its VAELoader for the Wan2.2 VAE and its AudioEncoderLoader build the full-size
-umT5-XXL, Wan2.2 VAE and wav2vec2 whatever the file holds, so the test-only pack ``tests/native_stub_pack`` stands in
-for those (core's CLIP, VAE and audio encoder objects, sizes from the file); every other node is the shipped one.
+Tiny files under the community names fill the server's ``models/`` folder: the Wan2.2 TI2V, S2V and Wan2.1 I2V
+transformers go through core's own UNETLoader (core detects tiny Wan models from their tensors), InfiniteTalk's patch
+through core's ModelPatchLoader, the Wan2.1 VAE through core's VAELoader. Core's CLIPLoader, its VAELoader for the
+Wan2.2 VAE, its CLIPVisionLoader and its AudioEncoderLoader build the full-size umT5-XXL, Wan2.2 VAE, ViT-H and
+wav2vec2 whatever the file holds, so the test-only pack ``tests/native_stub_pack`` stands in for those (core's CLIP,
+VAE, CLIP vision and audio encoder objects, sizes from the file); every other node is the shipped one.
 
 Run: COMFYUI_DIR=/path/to/ComfyUI .venv/bin/python -m pytest -m integration tests/integration/test_native_server.py
 """
@@ -37,6 +38,8 @@ SCRIPT = {"version": 1, "base": "A woman talks to the camera", "negative": "",
                      {"start": 0.35, "end": 0.7, "text": "points at the camera"}]}
 
 
+IT_FILES = {"unet": "wan2.1_i2v_480p_14B_fp8_scaled.safetensors", "patch": "wan2.1_infiniteTalk_single_fp16.safetensors",
+            "vision": "clip_vision_h.safetensors", "audio": "wav2vec2-chinese-base_fp16.safetensors"}
 S2V_FILES = {"unet": "wan2.2_s2v_14B_fp8_scaled.safetensors", "vae": "wan_2.1_vae.safetensors",
              "audio": "wav2vec2_large_english_fp16.safetensors"}
 
@@ -65,9 +68,12 @@ def write_tiny_s2v_files(models: Path, comfy_dir: Path) -> None:
         import comfy.ops
     finally:
         sys.argv = argv
+    import comfy.audio_encoders.wav2vec2 as w2v
     from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model
     from comfy.ldm.wan.model import WanModel_S2V
     from safetensors.torch import save_file
+
+    original = w2v.TransformerEncoder  # core fixes wav2vec2's feed-forward at 4x the width; narrower here
 
     net = WanModel_S2V(dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096, in_dim=16, out_dim=16,
                        operations=comfy.ops.disable_weight_init, dtype=torch.float32)
@@ -75,9 +81,39 @@ def write_tiny_s2v_files(models: Path, comfy_dir: Path) -> None:
     save_file({"model.diffusion_model." + k: v.contiguous() for k, v in _random_state(net, 41).items()},
               str(models / "diffusion_models" / S2V_FILES["unet"]))
     cc.write_comfy_wan21_vae(models / "vae" / S2V_FILES["vae"], dim=8, num_res_blocks=2)
-    import comfy.audio_encoders.wav2vec2 as w2v
+    # InfiniteTalk: Wan2.1 I2V (dim 320: the patch's audio attention has 40 heads), its model patch (40 blocks, as
+    # core's ModelPatchLoader builds it), CLIP vision (ViT-H's width) and the chinese base wav2vec2 (768 wide, 12 layers)
+    from comfy.clip_model import CLIPVisionModelProjection
+    from comfy.ldm.wan.model import WanModel
+    from comfy_extras.nodes_model_patch import MultiTalkModelPatch
 
-    original = w2v.TransformerEncoder
+    i2v = WanModel(model_type="i2v", patch_size=(1, 2, 2), in_dim=36, dim=256 + 64, ffn_dim=128, freq_dim=256,
+                   text_dim=4096, out_dim=16, num_heads=2, num_layers=1, operations=comfy.ops.disable_weight_init,
+                   dtype=torch.float32)
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in _random_state(i2v, 43).items()},
+              str(models / "diffusion_models" / IT_FILES["unet"]))
+    patch = MultiTalkModelPatch(in_dim=320, out_dim=32, intermediate_dim=32, operations=comfy.ops.disable_weight_init)
+    (models / "model_patches").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in _random_state(patch, 44).items()},
+              str(models / "model_patches" / IT_FILES["patch"]))
+    vision = CLIPVisionModelProjection({"hidden_size": 1280, "intermediate_size": 64, "num_attention_heads": 16,
+                                        "num_hidden_layers": 2, "image_size": 224, "patch_size": 14, "num_channels": 3,
+                                        "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 64,
+                                        "model_type": "clip_vision_model"},
+                                       torch.float32, None, comfy.ops.disable_weight_init)
+    (models / "clip_vision").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in _random_state(vision, 45).items()},
+              str(models / "clip_vision" / IT_FILES["vision"]))
+    w2v.TransformerEncoder = lambda *a, **cfg: original(*a, **{**cfg, "mlp_ratio": 1 / 12})
+    try:
+        base = Wav2Vec2Model(embed_dim=768, num_heads=12, num_layers=12, conv_norm=False, conv_bias=False,
+                             do_normalize=False, do_stable_layer_norm=False, operations=comfy.ops.disable_weight_init,
+                             dtype=torch.float32)
+    finally:
+        w2v.TransformerEncoder = original
+    (models / "audio_encoders").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in _random_state(base, 46).items()},
+              str(models / "audio_encoders" / IT_FILES["audio"]))
     w2v.TransformerEncoder = lambda *a, **cfg: original(*a, **{**cfg, "mlp_ratio": 1 / 16})  # feed-forward 64 wide
     try:
         encoder = Wav2Vec2Model(embed_dim=1024, num_heads=16, num_layers=24, operations=comfy.ops.disable_weight_init,
@@ -233,5 +269,36 @@ def test_native_s2v_workflow_runs_in_a_real_server_and_writes_the_mp4_with_the_s
     prompt["13"]["inputs"]["phase_cfg"] = 0.0
     del prompt["12"]
     prompt["13"]["inputs"]["model"] = prompt["15"]["inputs"]["model"] = ["11", 0]
+    _, plain = run(server, prompt)
+    assert (latent - plain).abs().max() > 1e-4
+
+
+def test_native_infinitetalk_workflow_runs_in_a_real_server_and_writes_the_mp4_with_the_speech(server):
+    """The shipped InfiniteTalk workflow at 64x64 (81 frames at 25 fps): core's UNETLoader, ModelPatchLoader and
+    VAELoader on tiny files, the test loaders for umT5, CLIP vision and wav2vec2; Phase Control after InfiniteTalk."""
+    from actavatar_core.video import probe_video
+
+    prompt = json.loads((ROOT / "workflows" / "api" / "actavatar_native_infinitetalk.json").read_text(encoding="utf-8"))
+    prompt["1"]["inputs"]["unet_name"] = IT_FILES["unet"]
+    prompt["2"] = {"class_type": "ActAvatarTestTinyWanCLIPLoader", "inputs": {"clip_name": FILES["clip"]}}
+    prompt["3"]["inputs"]["vae_name"] = S2V_FILES["vae"]
+    prompt["4"] = {"class_type": "ActAvatarTestTinyCLIPVisionLoader", "inputs": {"clip_name": IT_FILES["vision"]}}
+    prompt["7"]["inputs"]["name"] = IT_FILES["patch"]
+    prompt["8"] = {"class_type": "ActAvatarTestTinyAudioEncoderLoader",
+                   "inputs": {"audio_encoder_name": IT_FILES["audio"]}}
+    prompt["14"]["inputs"].update(width=SIZE, height=SIZE)
+    prompt["18"]["inputs"]["steps"] = 2
+    prompt["90"] = {"class_type": "SaveLatent", "inputs": {"samples": ["20", 0], "filename_prefix": "latents/it"}}
+    path, latent = run(server, prompt)
+    info = probe_video(path)
+    frames = prompt["14"]["inputs"]["length"]
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac", info
+    assert (info["frames"], info["fps"], info["width"], info["height"]) == (frames, 25.0, SIZE, SIZE)
+    assert latent.shape[2] == (frames - 1) // 4 + 1
+    log = server.log_tail(200_000)
+    assert "Requested to load WAN21" in log and "MultiTalkModelPatch" in log, log[-3000:]
+    # the phases reached the model: without Phase Control the sampled latent differs
+    del prompt["15"]
+    prompt["16"]["inputs"]["model"] = prompt["18"]["inputs"]["model"] = ["14", 0]
     _, plain = run(server, prompt)
     assert (latent - plain).abs().max() > 1e-4

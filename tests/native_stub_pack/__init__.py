@@ -1,9 +1,10 @@
-"""Test-only ComfyUI pack (never shipped): tiny stand-ins for core's CLIPLoader, VAELoader and AudioEncoderLoader.
+"""Test-only ComfyUI pack (never shipped): tiny stand-ins for core's CLIPLoader, VAELoader, CLIPVisionLoader and
+AudioEncoderLoader.
 
-Core's CLIPLoader (type wan), VAELoader (Wan2.2) and AudioEncoderLoader (wav2vec2) build the full-size umT5-XXL,
-Wan2.2 VAE and wav2vec2 whatever the file holds, so a real-server run of the native workflows on CPU loads tiny files
+Core's CLIPLoader (type wan), VAELoader (Wan2.2), CLIPVisionLoader (ViT-H) and AudioEncoderLoader (wav2vec2) build
+the full-size umT5-XXL, Wan2.2 VAE, ViT-H and wav2vec2 whatever the file holds, so a real-server run of the native workflows on CPU loads tiny files
 through these nodes instead. They build core's own objects (``comfy.sd.CLIP`` with Wan's tokenizer and ComfyUI's T5
-class, ``comfy.sd.VAE`` with ComfyUI's Wan2.2 ``WanVAE``, core's ``AudioEncoderModel`` with its ``Wav2Vec2Model``) with
+class, ``comfy.sd.VAE`` with ComfyUI's Wan2.2 ``WanVAE``, core's ``ClipVisionModel``, core's ``AudioEncoderModel`` with its ``Wav2Vec2Model``) with
 the sizes read from the file, so every node downstream sees what it sees with the real files.
 """
 
@@ -97,16 +98,55 @@ def load_tiny_wav2vec2(path: str) -> object:
     def tiny(*args, **cfg):  # core fixes the feed-forward at 4x the width; this file's goes in instead
         return original(*args, **{**cfg, "mlp_ratio": ffn.shape[0] / width if ffn is not None else 4.0})
 
+    large = width == 1024  # as core's loader: wav2vec2-large's layout, else the chinese base model's
     with contextlib.ExitStack() as stack:
         w2v.TransformerEncoder = tiny
         stack.callback(setattr, w2v, "TransformerEncoder", original)
         encoder = ae.AudioEncoderModel({"model_type": "wav2vec2", "embed_dim": width, "num_heads": max(1, width // 64),
-                                        "num_layers": layers, "conv_norm": True, "conv_bias": True,
-                                        "do_normalize": True, "do_stable_layer_norm": True})
+                                        "num_layers": layers, "conv_norm": large, "conv_bias": large,
+                                        "do_normalize": large, "do_stable_layer_norm": large})
     missing, unexpected = encoder.load_sd(sd)
     if missing or unexpected:
         raise ValueError(f"tiny wav2vec2 {path}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
     return encoder
+
+
+def load_tiny_clip_vision(path: str) -> object:
+    """core's CLIP vision object for a tiny ViT file (ViT-H's layout: 1280 wide as Wan reads it; depth and
+    feed-forward width from the file)."""
+    import comfy.clip_vision
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(path)
+    layers = len({int(m.group(1)) for k in sd if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))})
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "image_size": 224,
+              "hidden_size": sd["vision_model.post_layernorm.weight"].shape[0],
+              "intermediate_size": sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 16,
+              "num_channels": 3, "num_hidden_layers": layers, "patch_size": 14,
+              "projection_dim": sd["visual_projection.weight"].shape[0]}
+    model = comfy.clip_vision.ClipVisionModel(config)
+    missing, _ = model.load_sd(sd)
+    if missing:
+        raise ValueError(f"tiny CLIP vision {path}: missing {list(missing)[:5]}")
+    return model
+
+
+class ActAvatarTestTinyCLIPVisionLoader:
+    CATEGORY = "ActAvatar/test"
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
+
+    def load(self, clip_name):
+        import folder_paths
+
+        return (load_tiny_clip_vision(folder_paths.get_full_path_or_raise("clip_vision", clip_name)),)
 
 
 class ActAvatarTestTinyAudioEncoderLoader:
@@ -162,4 +202,5 @@ class ActAvatarTestTinyWanVAELoader:
 
 NODE_CLASS_MAPPINGS = {"ActAvatarTestTinyWanCLIPLoader": ActAvatarTestTinyWanCLIPLoader,
                        "ActAvatarTestTinyWanVAELoader": ActAvatarTestTinyWanVAELoader,
-                       "ActAvatarTestTinyAudioEncoderLoader": ActAvatarTestTinyAudioEncoderLoader}
+                       "ActAvatarTestTinyAudioEncoderLoader": ActAvatarTestTinyAudioEncoderLoader,
+                       "ActAvatarTestTinyCLIPVisionLoader": ActAvatarTestTinyCLIPVisionLoader}
