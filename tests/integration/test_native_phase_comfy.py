@@ -525,14 +525,11 @@ def _tiny_from_class(comfy, cls, seed: int, **kw):
     return patcher
 
 
-def test_humo_routes_its_video_frames_by_time(comfy):
-    """HuMo (its blocks add an audio cross-attention beside the text one; reference latent appended after the video)."""
-    from comfy.ldm.wan.model import HumoWanModel
-
-    model = _tiny_from_class(comfy, HumoWanModel, 9, dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096,
-                             in_dim=36, out_dim=16)
+def _assert_reference_model_routes_by_time(comfy, model, seed: int) -> None:
+    """For a Wan model with a reference latent appended after the video: bit-exact without phases, phases change the
+    sample, and phase k's tokens change exactly the frames of its window."""
     ctx, neg, _ = _inputs()
-    g = torch.Generator().manual_seed(10)
+    g = torch.Generator().manual_seed(seed)
     noise = torch.randn(1, 16, FRAMES, 4, 4, generator=g)
     ref = {"reference_latents": [torch.randn(1, 16, 1, 4, 4, generator=g)]}
     negative = [[neg, dict(ref)]]
@@ -545,10 +542,20 @@ def test_humo_routes_its_video_frames_by_time(comfy):
     none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
     assert torch.equal(_sample(comfy, patched, pos(ctx, none), negative, noise), plain)
     base = _sample(comfy, patched, pos(ctx, SPANS), negative, noise)
+    assert not torch.equal(base, plain)
     for phase in (1, 2):
         other = ctx.clone()
         other[:, BLOCK_IDS == phase] += 0.5
         assert _changed_frames(base, _sample(comfy, patched, pos(other, SPANS), negative, noise)) == _window_frames(phase)
+
+
+def test_humo_routes_its_video_frames_by_time(comfy):
+    """HuMo (its blocks add an audio cross-attention beside the text one; reference latent appended after the video)."""
+    from comfy.ldm.wan.model import HumoWanModel
+
+    model = _tiny_from_class(comfy, HumoWanModel, 9, dim=256, ffn_dim=128, num_heads=2, num_layers=1, text_dim=4096,
+                             in_dim=36, out_dim=16)
+    _assert_reference_model_routes_by_time(comfy, model, 10)
 
 
 @pytest.fixture(scope="module")
@@ -563,25 +570,7 @@ def s2v_model(comfy):
 def test_s2v_routes_its_video_frames_by_time(comfy, s2v_model):
     """S2V (no grid in the transformer options; the reference image's tokens appended after the video's, unrouted):
     bit-exact without phases, and phase k's tokens change exactly the frames of its window."""
-    ctx, neg, _ = _inputs()
-    g = torch.Generator().manual_seed(8)
-    noise = torch.randn(1, 16, FRAMES, 4, 4, generator=g)
-    ref = {"reference_latents": [torch.randn(1, 16, 1, 4, 4, generator=g)]}
-    negative = [[neg, dict(ref)]]
-
-    def pos(c, spans):
-        return [[c, {**ref, N.PHASE_SPANS_KEY: spans}]]
-
-    plain = _sample(comfy, s2v_model, [[ctx, dict(ref)]], negative, noise)
-    patched = comfy.node.apply_phase_control(s2v_model, "routed")
-    none = N.PhaseSpans(PhaseScript.from_compact("A man talks"), FPS, torch.zeros_like(BLOCK_IDS))
-    assert torch.equal(_sample(comfy, patched, pos(ctx, none), negative, noise), plain)
-    base = _sample(comfy, patched, pos(ctx, SPANS), negative, noise)
-    assert not torch.equal(base, plain)
-    for phase in (1, 2):
-        other = ctx.clone()
-        other[:, BLOCK_IDS == phase] += 0.5
-        assert _changed_frames(base, _sample(comfy, patched, pos(other, SPANS), negative, noise)) == _window_frames(phase)
+    _assert_reference_model_routes_by_time(comfy, s2v_model, 8)
 
 
 def test_the_node_classes_run_their_functions(comfy, tiny_clip, model):
