@@ -287,6 +287,7 @@ def check_inputs(command: str, args: argparse.Namespace) -> CheckedInputs:
     from .audio import load_waveform
     from .limits import DEFAULT_LIMITS, audio_seconds, check_clip, limits_for_folder
     from .phases import PhaseScript, frames_for_duration, latent_frame_count
+    from .sampling import check_schedule
     from .vae import check_size
     from .video import atomic_target, load_image
 
@@ -318,6 +319,7 @@ def check_inputs(command: str, args: argparse.Namespace) -> CheckedInputs:
     fps = float(pick(args.fps, "fps", DEFAULT_FPS))
     _in_range("The frame rate", fps, *FPS_RANGE)
     _in_range("The step count", pick(args.steps, "steps", 40), *STEPS_RANGE)
+    check_schedule(args.sampler, float(pick(args.shift, "shift", 5.0)), int(pick(args.steps, "steps", 40)))
     check_size(width, height, limits.size_step)
     check_clip(fps=fps, num_frames=args.frames, width=width, height=height, limits=limits)
 

@@ -20,6 +20,7 @@ the model input at every step, as in Wan2.2 TI2V (``expand_timesteps``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -56,6 +57,7 @@ class SamplingOptions:
             raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
+        check_schedule(self.sampler, self.shift, self.steps)
         if self.phase_cfg < 0:
             raise ValueError(f"phase guidance must be >= 0 (0 turns it off), got {self.phase_cfg}")
         if self.feather < 0:
@@ -99,6 +101,22 @@ class StepInfo:
     total: int
     timestep: float
     denoised: torch.Tensor  # current estimate of the clean latents (1, C, F, h, w), normalised
+
+
+@functools.lru_cache(maxsize=64)
+def check_schedule(sampler: str, shift: float, steps: int) -> None:
+    """Run the scheduler's whole step loop on a tiny tensor (milliseconds), so a step count that diffusers'
+    scheduler cannot finish is refused before any model runs. UniPC fails on its last steps when the shift squeezes
+    its timesteps together: at shift 5 from 201 steps on, at shift 20 from 51."""
+    scheduler = make_scheduler(sampler, shift, steps)
+    sample = torch.zeros(1, 4)
+    try:
+        for t in scheduler.timesteps:
+            sample = scheduler.step(torch.zeros(1, 4), t, sample, return_dict=False)[0]
+    except (AssertionError, IndexError):
+        raise ActAvatarError(f"The {sampler} sampler cannot take {steps} steps at shift {shift:g}: diffusers' "
+                             "scheduler fails before its last step.",
+                             "Use fewer steps (40 is the paper's), a smaller shift, or the euler sampler.") from None
 
 
 def make_scheduler(sampler: str, shift: float, steps: int, device: Any = None):

@@ -259,3 +259,18 @@ def test_method_bench_modes_reach_the_sampler_and_bad_ones_stop_it_at_once(monke
             evaluation.generate_clip(None, ann, Path("."), steps=1, text_cfg=1.0, audio_cfg=1.0, paca_mode=spec)
     assert [(o.paca_mode, o.relay_width, o.feather) for o in seen] == [("relay", 1.5, 0.0), ("routed", 2.0, 1.0),
                                                                      ("learned", 2.0, 0.0)]
+
+
+def test_a_schedule_diffusers_cannot_finish_is_refused_up_front():
+    """UniPC with a large shift squeezes its timesteps until diffusers' step asserts on the last steps; the options'
+    check runs the schedule first and refuses with the fix, while the steps users run pass."""
+    from actavatar_core.errors import ActAvatarError
+    from actavatar_core.sampling import check_schedule
+
+    check_schedule("unipc", 5.0, 40)
+    check_schedule("unipc", 5.0, 200)
+    check_schedule("euler", 5.0, 1000)
+    with pytest.raises(ActAvatarError, match=r"cannot take 201 steps at shift 5.*Fix: .*euler"):
+        check_schedule("unipc", 5.0, 201)
+    with pytest.raises(ActAvatarError, match="cannot take 60 steps at shift 20"):
+        SamplingOptions(steps=60, shift=20.0).check()
