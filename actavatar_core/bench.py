@@ -146,21 +146,29 @@ def _row_line(r: dict[str, Any], width: int) -> str:
     return f"{r['mode']:<{width}}{r['time_ms']:>10.1f}{r['time_ratio']:>9.3f}{r['peak_mb']:>10.1f}{ratio:>9}"
 
 
+def format_rows(rows: list[dict[str, Any]], width: int, against: str = "plain") -> list[str]:
+    """The time and memory table every bench prints (header, then one line per mode), so their reports line up."""
+    return ([f"{'mode':<{width}}{'time ms':>10}{'x ' + against:>9}{'peak MB':>10}{'x ' + against:>9}"]
+            + [_row_line(r, width) for r in rows])
+
+
+def target_line(target: str, met: bool | None) -> str:
+    """One target's verdict; ``None`` where the memory is too small to measure."""
+    verdict = {True: "MET", False: "NOT MET", None: "memory not measurable at this size"}[met]
+    return f"target: {target}: {verdict}"
+
+
 def format_paca(result: dict[str, Any]) -> str:
     s = result["shape"]
     lines = [f"PACA cost, one text cross-attention layer: {s['video_tokens']} video tokens ({s['latent_frames']} latent frames x "
              f"{s['tokens_per_frame']}), {s['text_len']} text tokens, dim {s['dim']} ({s['heads']} heads), {s['phases']} phases, "
-             f"{s['dtype']} on {s['device']}",
-             f"{'mode':<24}{'time ms':>10}{'x plain':>9}{'peak MB':>10}{'x plain':>9}"]
-    for r in result["rows"]:
-        lines.append(_row_line(r, 24))
+             f"{s['dtype']} on {s['device']}"]
+    lines += format_rows(result["rows"], 24)
     lines.append(f"(learned and routed also add the phase embedding to the context once per forward: "
                  f"{result['phase_embedding_once_per_forward_ms']:.2f} ms, outside the rows)")
-    verdict = {True: "MET", False: "NOT MET", None: "memory not measurable at this size"}[result["met"]]
-    lines.append(f"target: {result['target']}: {verdict}")
+    lines.append(target_line(result["target"], result["met"]))
     if "relay_met" in result:
-        verdict = {True: "MET", False: "NOT MET", None: "memory not measurable at this size"}[result["relay_met"]]
-        lines.append(f"target: {result['relay_target']}: {verdict}")
+        lines.append(target_line(result["relay_target"], result["relay_met"]))
     return "\n".join(lines)
 
 
@@ -221,10 +229,8 @@ def bench_timestep(frames: int = 16, tokens_per_frame: int = 220, dim: int = 307
 def format_timestep(result: dict[str, Any]) -> str:
     s = result["shape"]
     lines = [f"Time conditioning of one forward: {s['video_tokens']} video tokens ({s['latent_frames']} latent frames x "
-             f"{s['tokens_per_frame']}), dim {s['dim']}, {s['blocks']} blocks' modulation, {s['dtype']} on {s['device']}",
-             f"{'mode':<36}{'time ms':>10}{'x token':>9}{'peak MB':>10}{'x token':>9}"]
-    for r in result["rows"]:
-        lines.append(_row_line(r, 36))
+             f"{s['tokens_per_frame']}), dim {s['dim']}, {s['blocks']} blocks' modulation, {s['dtype']} on {s['device']}"]
+    lines += format_rows(result["rows"], 36, against="token")
     lines.append(f"largest difference between the two: {result['max_abs_difference']:.2e}")
     lines.append(f"per-token time projection alone at 704x1280, 121 frames (fp32): "
                  f"{result['per_token_projection_mb_at_704x1280x121']:.0f} MB per sample")

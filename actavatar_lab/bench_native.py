@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from actavatar_core.bench import _row_line, _rows, _timed, peak_memory
+from actavatar_core.bench import _rows, _timed, format_rows, peak_memory, target_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_TARGET, MEMORY_TARGET, RELAY_TARGET = 1.05, 1.02, 1.15
@@ -128,12 +128,10 @@ def format_native(result: dict[str, Any]) -> str:
     s = result["shape"]
     lines = [f"Phase Control on ComfyUI's WanModel, {s['step']}: latent {s['latent']} ({s['video_tokens']} video "
              f"tokens), dim {s['dim']} ({s['heads']} heads), {s['layers']} blocks, {s['text_len']} text tokens, "
-             f"{s['phases']} phases, {s['dtype']} on {s['device']}",
-             f"{'mode':<20}{'time ms':>10}{'x plain':>9}{'peak MB':>10}{'x plain':>9}"]
-    lines += [_row_line(r, 20) for r in result["rows"]]
+             f"{s['phases']} phases, {s['dtype']} on {s['device']}"]
+    lines += format_rows(result["rows"], 20)
     for key, target in (("met", "target"), ("relay_met", "relay_target")):
-        verdict = {True: "MET", False: "NOT MET", None: "memory not measurable at this size"}[result[key]]
-        lines.append(f"target: {result[target]}: {verdict}")
+        lines.append(target_line(result[target], result[key]))
     return "\n".join(lines)
 
 
