@@ -269,7 +269,7 @@ def _stream_into(model: torch.nn.Module, src: TensorSource, renames: dict[str, s
         raise WeightsError(
             f"'{name}' has {len(unexpected)} tensor(s) this model does not have ({_short_list(unexpected)}); "
             "it is probably a different variant or a damaged conversion.",
-            "Use the original release of the file (see the model folder table in the README).")
+            "Use the original release of the file (see the model file table in docs/METHOD.md).")
     missing = required - provided
     if missing:
         raise WeightsError(f"'{name}' is missing {len(missing)} tensor(s) the model needs ({_short_list(missing)}).",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="actavatar train", description="Two-stage ActAvatar training (see the README's Training section and actavatar_core/training/config.py; the mini model's config is actavatar_lab/configs/mini.json).")
+    p = argparse.ArgumentParser(prog="actavatar train", description="Two-stage ActAvatar training (see docs/METHOD.md's Training section and actavatar_core/training/config.py; the mini model's config is actavatar_lab/configs/mini.json).")
     p.add_argument("--config", required=True, help="training config (JSON)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--export", default=None, help="write the trained model folder here (default: OUTPUT_DIR/model)")
