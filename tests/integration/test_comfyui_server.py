@@ -390,7 +390,8 @@ def test_bad_phase_script_is_refused_at_queue_time(comfy):
 def test_interrupt_mid_sampling_leaves_no_file_and_comfyui_healthy(comfy, ws):
     server, names = comfy
     before = output_files(server)
-    long_run = queue(server, api_workflow("actavatar_timeline", names, steps=1000, seed=11), ws.client_id)
+    long_run = queue(server, api_workflow("actavatar_timeline", names, steps=1000, sampler="euler", seed=11),
+                     ws.client_id)
     ws.wait_for(lambda: [p for p in ws.of("progress", long_run) if p["node"] == SAMPLER], 120, server)
     status, _ = server.request("POST", "/interrupt", {})
     assert status == 200
