@@ -15,7 +15,7 @@ from actavatar_lab.synth.actions import RAMP_SECONDS
 from actavatar_lab.synth.audio import (SAMPLE_RATE, audio_envelope, espeak_available, mouth_from_envelope, resample,
                                         speech_audio)
 from actavatar_lab.synth.cli import main as synth_main
-from actavatar_lab.synth.writer import SPLITS, split_seeds
+from actavatar_lab.synth.writer import SPLITS, split_seeds, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +108,19 @@ def test_audio_is_speech_like_and_drives_the_mouth(clips):
     assert low > high and mid > 0.01 * low
 
 
-def test_voice_selection_and_resampler():
-    if not espeak_available():
-        with pytest.raises(FileNotFoundError):
-            speech_audio(1, 2.0, voice="espeak-ng")
+def test_voice_selection_and_resampler(monkeypatch, tmp_path):
+    import actavatar_lab.synth.audio as audio_mod
+    from actavatar_core.errors import ActAvatarError
+
+    with monkeypatch.context() as m:  # a machine without espeak-ng: a clear refusal, and auto falls back
+        m.setattr(audio_mod.shutil, "which", lambda name: None)
+        for voice in ("espeak-ng", "mixed"):
+            with pytest.raises(ActAvatarError, match=f"--voice {voice} needs espeak-ng.*Fix: Install it.*apt-get install espeak-ng"):
+                speech_audio(1, 2.0, voice=voice)
         assert speech_audio(1, 2.0, voice="auto")[1] == "synthetic"
-    else:
-        audio, voice = speech_audio(1, 2.0, voice="espeak-ng")
-        assert voice == "espeak-ng" and len(audio) == 32000 and np.abs(audio).max() > 0.3
+        with pytest.raises(ActAvatarError, match="needs espeak-ng"):
+            write_dataset(tmp_path / "x", clips=1, voice="mixed")
+        assert not (tmp_path / "x").exists()  # refused before any folder or clip was written
     with pytest.raises(ValueError):
         speech_audio(1, 1.0, voice="robot")
     t = np.arange(22050) / 22050
@@ -199,3 +204,22 @@ def test_synth_command_writes_a_readable_dataset(tmp_path):
     assert scored["aggregate"]["lipsync_corr"] > 0.9
     assert synth_main(["synth", "--out", str(out), "--clips", "1", "--split", "test", "--voice", "synthetic"]) == 2
     assert synth_main(["synth", "--out", str(out), "--clips", "1", "--size", "100"]) == 2
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+def test_mixed_voices_vary_speakers_deterministically():
+    from actavatar_lab.synth.audio import MIXED_SYNTHETIC_SHARE, speech
+
+    runs = [speech(seed, 2.0, voice="mixed") for seed in range(40)]
+    voices = [v for _a, v, _s in runs]
+    speakers = {s for _a, v, s in runs if v == "espeak-ng"}
+    share = voices.count("synthetic") / len(voices)
+    assert abs(share - MIXED_SYNTHETIC_SHARE) < 0.2 and len(speakers) >= 20  # both sources, many distinct speakers
+    accents = {s.split()[0].split("+")[0] for s in speakers}
+    assert len(accents) >= 4
+    for seed in (3, 11):  # a clip's seed alone decides its speech
+        a, v, s = speech(seed, 2.0, voice="mixed")
+        b, w, t = speech(seed, 2.0, voice="mixed")
+        assert (v, s) == (w, t) and np.array_equal(a, b) and len(a) == 32000
+    audio, voice, speaker = speech(5, 2.5, voice="espeak-ng")
+    assert voice == "espeak-ng" and len(audio) == 40000 and np.abs(audio).max() > 0.3 and "+" in speaker or " s" in speaker

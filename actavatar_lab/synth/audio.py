@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -113,25 +114,56 @@ def synthetic_speech(rng: np.random.Generator, duration: float, sample_rate: int
     return out.astype(np.float32)
 
 
+#: The ``--voice`` choices: ``mixed`` draws per clip between the built-in babble and espeak-ng's voices.
+VOICES = ("auto", "synthetic", "espeak-ng", "mixed")
+#: espeak-ng's English accents and voice variants (male m1-m7, female f1-f5), all in the Debian package; crossed with
+#: a speaking rate and a pitch per clip they give hundreds of distinct speakers.
+ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029")
+ESPEAK_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
+#: Share of ``mixed`` clips spoken by the built-in babble (the rest by espeak-ng).
+MIXED_SYNTHETIC_SHARE = 0.25
+
+
 def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def espeak_speech(rng: np.random.Generator, duration: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Random English words spoken by espeak-ng (phrases separated by commas/periods), fitted to ``duration``."""
+def require_espeak(voice: str) -> None:
+    """Refuse a voice that needs espeak-ng before any clip is rendered, with the fix."""
+    if voice in ("espeak-ng", "mixed") and not espeak_available():
+        from actavatar_core.errors import ActAvatarError
+
+        raise ActAvatarError(f"--voice {voice} needs espeak-ng, which is not installed (not on PATH).",
+                             "Install it (Debian/Ubuntu: apt-get install espeak-ng; macOS: brew install espeak-ng), "
+                             "or pass --voice synthetic.")
+
+
+def espeak_speaker(rng: np.random.Generator) -> dict[str, Any]:
+    """One espeak-ng speaker: accent, voice variant, words per minute, pitch (0-99) and word gap (10 ms units)."""
+    accent = str(rng.choice(ESPEAK_ACCENTS))
+    variant = str(rng.choice(ESPEAK_VARIANTS))
+    return {"voice": accent + (f"+{variant}" if variant else ""), "speed": int(rng.integers(120, 211)),
+            "pitch": int(rng.integers(20, 81)), "gap": int(rng.integers(0, 4))}
+
+
+def espeak_speech(rng: np.random.Generator, duration: float, sample_rate: int = SAMPLE_RATE,
+                  speaker: dict[str, Any] | None = None) -> np.ndarray:
+    """Random English words spoken by espeak-ng (phrases separated by commas/periods), fitted to ``duration``;
+    ``speaker`` (see :func:`espeak_speaker`) defaults to en-us at a random rate and pitch."""
+    require_espeak("espeak-ng")
     exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise FileNotFoundError("espeak-ng is not on PATH")
     n_words = max(3, int(duration * 3.2))
     words = [str(w) for w in rng.choice(_WORDS, n_words)]
     text = ""
     for i, w in enumerate(words):
         text += w + (", " if rng.random() < 0.12 else ". " if rng.random() < 0.1 else " ")
     lead = float(rng.uniform(0.0, 0.4))
+    if speaker is None:
+        speaker = {"voice": "en-us", "speed": int(rng.integers(140, 190)), "pitch": int(rng.integers(30, 70)), "gap": 0}
     with tempfile.TemporaryDirectory() as tmp:
         wav_path = Path(tmp) / "speech.wav"
-        cmd = [exe, "-v", "en-us", "-s", str(int(rng.integers(140, 190))), "-p", str(int(rng.integers(30, 70))),
-               "-w", str(wav_path), text]
+        cmd = [str(exe), "-v", speaker["voice"], "-s", str(speaker["speed"]), "-p", str(speaker["pitch"]),
+               "-g", str(speaker.get("gap", 0)), "-w", str(wav_path), text]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         audio, rate = read_wav(wav_path)
     audio = resample(audio, rate, sample_rate)
@@ -169,14 +201,28 @@ def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     return (np.fft.irfft(spec, n_out) * (n_out / len(audio))).astype(np.float32)
 
 
+def speech(seed: int, duration: float, sample_rate: int = SAMPLE_RATE, voice: str = "auto") -> tuple[np.ndarray, str, str]:
+    """(mono float32 audio of exactly round(duration * rate) samples, voice used: 'espeak-ng' or 'synthetic',
+    the speaker: 'synthetic' or espeak-ng's voice, rate and pitch, e.g. 'en-gb+f3 s150 p40 g1')."""
+    if voice not in VOICES:
+        raise ValueError(f"unknown voice {voice!r}; use {', '.join(VOICES)}")
+    require_espeak(voice)
+    rng = np.random.default_rng([int(seed), 303])
+    if voice == "mixed":
+        voice = "synthetic" if np.random.default_rng([int(seed), 606]).random() < MIXED_SYNTHETIC_SHARE else "espeak-ng"
+    elif voice == "auto":
+        voice = "espeak-ng" if espeak_available() else "synthetic"
+    if voice == "synthetic":
+        return synthetic_speech(rng, duration, sample_rate), "synthetic", "synthetic"
+    speaker = espeak_speaker(np.random.default_rng([int(seed), 707]))
+    name = f"{speaker['voice']} s{speaker['speed']} p{speaker['pitch']} g{speaker['gap']}"
+    return espeak_speech(rng, duration, sample_rate, speaker), "espeak-ng", name
+
+
 def speech_audio(seed: int, duration: float, sample_rate: int = SAMPLE_RATE, voice: str = "auto") -> tuple[np.ndarray, str]:
     """(mono float32 audio of exactly round(duration * rate) samples, voice used: 'espeak-ng' or 'synthetic')."""
-    rng = np.random.default_rng([int(seed), 303])
-    if voice not in ("auto", "synthetic", "espeak-ng"):
-        raise ValueError(f"unknown voice {voice!r}; use auto, synthetic or espeak-ng")
-    if voice == "espeak-ng" or (voice == "auto" and espeak_available()):
-        return espeak_speech(rng, duration, sample_rate), "espeak-ng"
-    return synthetic_speech(rng, duration, sample_rate), "synthetic"
+    audio, used, _ = speech(seed, duration, sample_rate, voice)
+    return audio, used
 
 
 # ------------------------------------------------------------------------------------------------ envelope

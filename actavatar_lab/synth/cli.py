@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .audio import VOICES
 from .writer import SPLITS
 
 
@@ -35,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=25.0, help="frames per second (default 25)")
     p.add_argument("--duration", type=_duration, default=4.0, help="seconds per clip, or MIN:MAX drawn per clip (default 4.0)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes (default: up to 2)")
-    p.add_argument("--voice", default="auto", choices=["auto", "synthetic", "espeak-ng"],
-                   help="speech source: espeak-ng when installed (auto), or the built-in formant babble")
+    p.add_argument("--voice", default="auto", choices=list(VOICES),
+                   help="speech: espeak-ng (a different accent, voice, rate and pitch per clip), the built-in "
+                        "formant babble (synthetic), a quarter babble and the rest espeak-ng (mixed), or auto: "
+                        "espeak-ng when installed, else synthetic")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better, default 18)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     return p

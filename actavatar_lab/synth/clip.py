@@ -13,7 +13,7 @@ import numpy as np
 
 from actavatar_core.phases import Phase, PhaseScript, frames_for_duration
 from .actions import ACTION_KEYS, ACTIONS, TimedAction, frame_time, pose_at
-from .audio import SAMPLE_RATE, audio_envelope, mouth_from_envelope, speech_audio
+from .audio import SAMPLE_RATE, audio_envelope, mouth_from_envelope, speech
 from .identity import sample_identity
 from .render import render_frame
 
@@ -84,7 +84,7 @@ def make_clip(seed: int, *, size: int = 128, fps: float = 25.0, duration: float 
     length = num_frames / fps
     identity = sample_identity(seed)
     timed = sample_phases(seed, length) if phases is None else list(phases)
-    audio, voice_used = speech_audio(seed, length, SAMPLE_RATE, voice)
+    audio, voice_used, speaker = speech(seed, length, SAMPLE_RATE, voice)
     envelope = audio_envelope(audio, SAMPLE_RATE, fps, num_frames)
     mouth = mouth_from_envelope(envelope)
     motion = np.random.default_rng([int(seed), 505]).uniform(0, 2 * np.pi, 6)
@@ -110,7 +110,7 @@ def make_clip(seed: int, *, size: int = 128, fps: float = 25.0, duration: float 
     }
     groundtruth = {
         "id": cid, "seed": int(seed), "fps": fps, "num_frames": num_frames, "sample_rate": SAMPLE_RATE,
-        "voice": voice_used, "identity": identity.to_json(),
+        "voice": voice_used, "speaker": speaker, "identity": identity.to_json(),
         "phases": [{"start": p.start, "end": p.end, "action": p.key, "text": ACTIONS[p.key].text} for p in timed],
         "labels": labels, "transition": transition,
         "mouth": [round(float(m), 4) for m in mouth], "envelope": [round(float(e), 4) for e in envelope],

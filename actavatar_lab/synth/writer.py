@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 
 from .actions import ACTIONS, RAMP_SECONDS
+from .audio import require_espeak
 from .clip import CAPTION, MAX_PHASE, MIN_PHASE, make_clip
 
 #: Seed ranges [first, end) of each split. The test split is FIXED: --split test always starts at 900,000,000
@@ -75,6 +76,7 @@ def write_dataset(out: "str | os.PathLike", *, clips: int, seed: int = 0, split:
 
         raise OutputPathError(f"'{out}' already holds a dataset (annotations.jsonl).", "Choose another --out or pass --overwrite.")
     seeds = split_seeds(split, clips, seed)
+    require_espeak(voice)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     (out / "groundtruth").mkdir(parents=True, exist_ok=True)
     jobs = [dict(seed=s, size=size, fps=fps, duration=duration, split=split, voice=voice, out=str(out), crf=crf) for s in seeds]
@@ -100,7 +102,7 @@ def write_dataset(out: "str | os.PathLike", *, clips: int, seed: int = 0, split:
         "format_version": FORMAT_VERSION, "generator": "actavatar_lab.synth", "split": split,
         "seeds": [seeds[0], seeds[-1]] if seeds else [], "clips": len(seeds), "size": size, "fps": fps,
         "duration": list(duration) if isinstance(duration, (tuple, list)) else duration,
-        "voices": voices, "sample_rate": 16000, "caption": CAPTION,
+        "voice": voice, "voices": voices, "sample_rate": 16000, "caption": CAPTION,
         "actions": {k: a.text for k, a in ACTIONS.items()}, "left_right": "the character's own sides",
         "transition_seconds": RAMP_SECONDS, "seconds": round(time.time() - t0, 2),
     }
@@ -142,7 +144,8 @@ loudness) and performs 1-3 timed actions. Everything about a clip follows from i
 - `groundtruth/<id>.json`: per-frame truth for evaluation: `labels` (action key or `idle` per frame),
   `transition` (true where the pose is blending into/out of an action), `mouth` (opening 0..1 the renderer drew),
   `envelope` (audio loudness per frame, see below), `head_dy`, `phases` with action keys, `identity` (all colours
-  as RGB, hair style, head size), `voice` (`synthetic` or `espeak-ng`), `sample_rate`.
+  as RGB, hair style, head size), `voice` (`synthetic` or `espeak-ng`), `speaker` (`synthetic`, or espeak-ng's
+  voice, words per minute, pitch and word gap, e.g. `en-gb+f3 s150 p40 g1`), `sample_rate`.
 - `dataset.json`: the generation settings (manifest).
 
 ## Actions
