@@ -593,3 +593,48 @@ def test_config_rejects_unknown_mixed_precision_and_the_cli_overrides_it(tmp_pat
     # the recipe remakes the shipped weights: transformer stages in bf16 autocast (on this CPU), the VAE in fp32
     assert shipped["mixed_precision"] == "auto"
     assert shipped["vae"]["mixed_precision"] == shipped["vae_decoder"]["mixed_precision"] == "no"
+
+
+class _Lengths:
+    """A stand-in for CachedClips with only what batching reads: the entries' frame counts."""
+
+    def __init__(self, frames: list[int]):
+        self.entries = [{"num_frames": f} for f in frames]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def test_length_batches_is_plain_chunking_for_one_length():
+    from actavatar_core.training.data import length_batches
+
+    order = [5, 2, 7, 0, 1, 6, 3, 4, 8]
+    assert length_batches([25] * 9, order, 4) == [[5, 2, 7, 0], [1, 6, 3, 4]]
+
+
+def test_batches_of_mixed_lengths_hold_one_length_and_resume_exactly():
+    import itertools
+
+    from actavatar_core.training.data import iterate_forever
+
+    frames = [49, 53, 101, 49, 53, 101, 149] * 6  # 42 clips, four lengths
+    data = _Lengths(frames)
+    first = list(itertools.islice(iterate_forever(data, 3, seed=7), 30))
+    for _epoch, _pos, batch in first:
+        assert len(batch) == 3 and len({frames[i] for i in batch}) == 1
+    per_epoch = [b for e, _p, b in first if e == 0]
+    seen = [i for b in per_epoch for i in b]
+    assert len(seen) == len(set(seen)) and len(per_epoch) == 14  # 12, 12, 12 and 6 clips per length: every bucket fills
+    # resuming at any saved (epoch, position) continues with the very same batches
+    for k in (0, 5, 13, 17):
+        epoch, position, _ = first[k]
+        resumed = list(itertools.islice(iterate_forever(data, 3, seed=7, start_epoch=epoch, start_position=position), 8))
+        assert [b for _e, _p, b in resumed] == [b for _e, _p, b in first[k + 1:k + 9]]
+
+
+def test_batching_refuses_a_dataset_where_no_batch_fits():
+    from actavatar_core.errors import ActAvatarError
+    from actavatar_core.training.data import iterate_forever
+
+    with pytest.raises(ActAvatarError, match="share a length.*Fix: Lower batch_size"):
+        next(iterate_forever(_Lengths([49, 53, 57]), 2, seed=0))

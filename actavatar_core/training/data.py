@@ -324,17 +324,38 @@ def pad_text(embeds: list[torch.Tensor], ids: list[torch.Tensor] | None, text_le
     return out, out_ids
 
 
+def length_batches(lengths: list[int], order: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of clips of one length, in ``order``'s order: a batch is complete when ``batch_size`` clips of its
+    length have come up; incomplete ones at the end of the order are dropped. Why: latents of different lengths
+    cannot share a batch tensor, and padding would train on frames that do not exist. With a single length this is
+    plain chunking of ``order``."""
+    pending: dict[int, list[int]] = {}
+    out = []
+    for i in order:
+        bucket = pending.setdefault(lengths[i], [])
+        bucket.append(i)
+        if len(bucket) == batch_size:
+            out.append(bucket)
+            pending[lengths[i]] = []
+    return out
+
+
 def iterate_forever(dataset: CachedClips, batch_size: int, seed: int, start_epoch: int = 0,
                     start_position: int = 0) -> Iterator[tuple[int, int, list[int]]]:
-    """Deterministic shuffled batches: (epoch, position after this batch, indices). Resuming at a saved
-    (epoch, position) continues the exact same order."""
+    """Deterministic shuffled batches of equal-length clips: (epoch, position after this batch, indices), the
+    position counting ``batch_size`` per batch. Resuming at a saved (epoch, position) continues the exact same
+    order."""
     epoch, position = start_epoch, start_position
     n = len(dataset)
+    lengths = [int(e["num_frames"]) for e in dataset.entries]
+    if not length_batches(lengths, list(range(n)), batch_size):
+        raise ActAvatarError(f"No {batch_size} clips of the dataset share a length, so no batch can be made.",
+                             "Lower batch_size, or add clips of the same length (batches hold clips of one length).")
     while True:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g).tolist()
-        while position + batch_size <= n:
-            batch = order[position : position + batch_size]
+        batches = length_batches(lengths, order, batch_size)
+        for batch in batches[position // batch_size:]:
             position += batch_size
             yield epoch, position, batch
         epoch, position = epoch + 1, 0
