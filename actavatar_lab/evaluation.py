@@ -22,15 +22,42 @@ import numpy as np
 
 DEFAULT_TEST_SET = Path("runs") / "synth-test"
 
+#: The held-out test splits, 100 clips each by default, on disjoint seeds of the ``test`` range (never used for
+#: training or tuning): the built-in voice at 3 s (the shipped benchmark), espeak-ng's varied speakers at 3 s (the
+#: voice alone changes), and 2-6 s clips with mixed voices (length and voice change together).
+TEST_SPLITS: dict[str, dict[str, Any]] = {
+    "synthetic": {"seed": 0, "duration": 3.0, "voice": "synthetic", "folder": DEFAULT_TEST_SET},
+    "espeak": {"seed": 1000, "duration": 3.0, "voice": "espeak-ng", "folder": Path("runs") / "synth-test-espeak"},
+    "mixed": {"seed": 2000, "duration": (2.0, 6.0), "voice": "mixed", "folder": Path("runs") / "synth-test-mixed"},
+}
 
-def ensure_test_set(folder: "str | Path", clips: int, duration: float = 3.0, size: int = 128, fps: float = 25.0) -> Path:
-    """The fixed held-out test split (written once; deterministic from its seeds with the synthetic voice)."""
-    from .synth.writer import write_dataset
 
+def ensure_test_set(folder: "str | Path", clips: int, duration: float | tuple[float, float] = 3.0, size: int = 128,
+                    fps: float = 25.0, split: str = "synthetic") -> Path:
+    """The fixed held-out test split ``split`` (written once, deterministic from its seeds). An existing folder must
+    hold that split: scoring one split under another's name would publish wrong figures."""
+    from actavatar_core.errors import ActAvatarError
+
+    from .synth.writer import SPLITS, write_dataset
+
+    spec = TEST_SPLITS[split]
+    duration = spec["duration"] if split != "synthetic" else duration
     folder = Path(folder)
     if not (folder / "annotations.jsonl").is_file():
-        write_dataset(folder, clips=clips, seed=0, split="test", size=size, fps=fps, duration=duration, voice="synthetic",
-                      workers=1)
+        write_dataset(folder, clips=clips, seed=spec["seed"], split="test", size=size, fps=fps, duration=duration,
+                      voice=spec["voice"], workers=1)
+        return folder
+    manifest_path = folder / "dataset.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        first = SPLITS["test"][0] + spec["seed"]
+        want_duration = list(duration) if isinstance(duration, tuple) else duration
+        found = (manifest.get("seeds", [None])[0], manifest.get("duration"), manifest.get("voice", spec["voice"]))
+        if manifest.get("split") == "test" and found != (first, want_duration, spec["voice"]):
+            raise ActAvatarError(
+                f"'{folder}' holds test clips from seed {found[0]}, {found[1]} s, voice {found[2]}, not the "
+                f"{split} split (seed {first}, {want_duration} s, voice {spec['voice']}).",
+                f"Pass --test-set with a new folder for --split {split}, or the split that folder holds.")
     return folder
 
 
@@ -288,7 +315,11 @@ def format_table(rows: dict[str, dict[str, Any]], title: str) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="actavatar bench method", description=__doc__)
     p.add_argument("--model", default=None, help="ActAvatar model folder (default: the bundled mini model)")
-    p.add_argument("--test-set", default=str(DEFAULT_TEST_SET), help="held-out test split folder (written if missing)")
+    p.add_argument("--split", choices=list(TEST_SPLITS), default="synthetic",
+                   help="held-out test split: synthetic (built-in voice, 3 s; the shipped benchmark), espeak "
+                        "(espeak-ng's varied speakers, 3 s) or mixed (2-6 s, mixed voices)")
+    p.add_argument("--test-set", default=None, help="folder of the test split (written if missing; default "
+                   "runs/synth-test, runs/synth-test-espeak or runs/synth-test-mixed)")
     p.add_argument("--clips", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--modes", default="learned,routed",
@@ -330,7 +361,11 @@ def main(argv: list[str]) -> int:
     from actavatar_core.bundle import load_model_folder
     from actavatar_core.defaults import load_default_models
 
-    test_set = ensure_test_set(args.test_set, args.clips)
+    try:
+        test_set = ensure_test_set(args.test_set or TEST_SPLITS[args.split]["folder"], args.clips, split=args.split)
+    except ValueError as err:
+        print(f"actavatar bench method: {err}", file=sys.stderr)
+        return 2
     if args.model:
         models = load_model_folder(args.model)
     else:
@@ -345,7 +380,7 @@ def main(argv: list[str]) -> int:
         save.mkdir(parents=True, exist_ok=True)
     label = models.info.get("name", "model")
     modes = [(f"{label}, PACA {m}", m, True) for m in args.modes.split(",") if m]
-    result: dict[str, Any] = {"model": label, "test_set": str(test_set), "clips": args.clips, "steps": steps,
+    result: dict[str, Any] = {"model": label, "split": args.split, "test_set": str(test_set), "clips": args.clips, "steps": steps,
                               "text_cfg": text_cfg, "audio_cfg": audio_cfg, "phase_cfg": phase_cfg, "shift": shift}
     result["ground_truth"] = score_ground_truth(test_set, args.clips)
     result["vae_reconstruction"] = score_reconstruction(models, test_set, args.clips)
@@ -355,7 +390,7 @@ def main(argv: list[str]) -> int:
     result["model_rows"] = evaluate_model(models, test_set, modes=modes, clips=args.clips, steps=steps,
                                           text_cfg=text_cfg, audio_cfg=audio_cfg, shift=shift, phase_cfg=phase_cfg,
                                           save_dir=save)
-    print(format_table(result["model_rows"], f"Model on {args.clips} held-out synthetic clips ({steps} steps, guidance "
+    print(format_table(result["model_rows"], f"Model on {args.clips} held-out clips of the {args.split} split ({steps} steps, guidance "
                                              f"text {text_cfg:g} / audio {audio_cfg:g} / phase {phase_cfg:g})"))
     if args.ablation:
         base_run = Path(args.ablation)

@@ -179,7 +179,7 @@ def test_bench_scores_trained_variants_with_their_own_guidance_into_the_json(tmp
         return {name: {"hit_at_segment": 0.5, "cfg": (text_cfg, audio_cfg)} for name, _, _ in modes}
 
     monkeypatch.setattr(defaults, "load_default_models", lambda: (Models(), None))
-    monkeypatch.setattr(evaluation, "ensure_test_set", lambda folder, clips: tmp_path)
+    monkeypatch.setattr(evaluation, "ensure_test_set", lambda folder, clips, **kw: tmp_path)
     monkeypatch.setattr(evaluation, "score_ground_truth", lambda *a: {"hit_at_segment": 1.0})
     monkeypatch.setattr(evaluation, "score_reconstruction", lambda *a: {"hit_at_segment": 0.9})
     monkeypatch.setattr(evaluation, "load_ablation_runs", fake_runs)
@@ -194,3 +194,22 @@ def test_bench_scores_trained_variants_with_their_own_guidance_into_the_json(tmp
     caption = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Ablation")][0]
     assert "global stage1 15/stage2 70 steps at batch 4" in caption and "vae" not in caption
     assert "guidance each run's own" in caption
+
+
+def test_named_test_splits_are_disjoint_and_an_existing_folder_must_hold_its_split(tmp_path, monkeypatch):
+    from actavatar_core.errors import ActAvatarError
+
+    splits = evaluation.TEST_SPLITS
+    firsts = sorted(spec["seed"] for spec in splits.values())
+    assert all(b - a >= 100 for a, b in zip(firsts, firsts[1:]))  # 100-clip splits never share a seed
+    assert {spec["voice"] for spec in splits.values()} == {"synthetic", "espeak-ng", "mixed"}
+    folder = evaluation.ensure_test_set(tmp_path / "t", clips=1, duration=1.0, size=64)  # the synthetic split
+    manifest = json.loads((folder / "dataset.json").read_text())
+    assert manifest["seeds"][0] == 900_000_000 and manifest["voice"] == "synthetic"
+    assert evaluation.ensure_test_set(folder, clips=1, duration=1.0, size=64) == folder  # its own split: reused
+    for split in ("espeak", "mixed"):
+        with pytest.raises(ActAvatarError, match=f"not the {split} split.*Fix: Pass --test-set with a new folder"):
+            evaluation.ensure_test_set(folder, clips=1, size=64, split=split)
+    # the command says the same in one line, with rc 2, before any model loads
+    monkeypatch.setattr(evaluation, "score_ground_truth", lambda *a: pytest.fail("scored a mismatched split"))
+    assert evaluation.main(["bench", "--split", "mixed", "--test-set", str(folder), "--clips", "1"]) == 2
