@@ -107,6 +107,7 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
         summary = aggregate(results)
         summary["seconds"] = round(time.time() - started, 1)
         summary["clips"] = len(results)
+        summary["groups"] = group_scores(test_set, lines, results)
         out[name] = summary
         log(f"{name}: {_short(summary)}")
     return out
@@ -130,7 +131,33 @@ def _score_test_clips(test_set: Path, clips: int | None, transform: Callable[[np
         results.append(evaluate_clip(transform(frames)[: len(frames)], audio, rate, ann, reference=frames[0]))
     summary = aggregate(results)
     summary["clips"] = len(results)
+    summary["groups"] = group_scores(test_set, _test_annotations(test_set, clips), results)
     return summary
+
+
+#: Clip-length bins (seconds) that the per-group scores of a mixed-length split use.
+LENGTH_BINS = ((0.0, 3.0), (3.0, 4.5), (4.5, float("inf")))
+
+
+def group_scores(test_set: Path, annotations: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Scores per voice and per clip-length bin, when the split mixes them (empty otherwise): a pooled figure can
+    hide that one voice or one length is what fails."""
+    from .synth.metrics import aggregate
+
+    voices, lengths = [], []
+    for ann in annotations:
+        truth = test_set / "groundtruth" / f"{ann['id']}.json"
+        voices.append(json.loads(truth.read_text()).get("voice", "unknown") if truth.is_file() else "unknown")
+        seconds = float(ann["num_frames"]) / float(ann["fps"])
+        lengths.append(next(f"{lo:g}-{hi:g} s" if hi != float("inf") else f"{lo:g} s and longer"
+                            for lo, hi in LENGTH_BINS if lo <= seconds < hi))
+    groups: dict[str, Any] = {}
+    for label, keys in (("voice", voices), ("length", lengths)):
+        if len(set(keys)) > 1:
+            for key in sorted(set(keys)):
+                picked = [r for r, k in zip(results, keys) if k == key]
+                groups[f"{label} {key}"] = {k: v for k, v in aggregate(picked).items() if k != "hit_at_segment_per_action"}
+    return groups
 
 
 def score_ground_truth(test_set: Path, clips: int | None = None) -> dict[str, Any]:
@@ -392,6 +419,10 @@ def main(argv: list[str]) -> int:
                                           save_dir=save)
     print(format_table(result["model_rows"], f"Model on {args.clips} held-out clips of the {args.split} split ({steps} steps, guidance "
                                              f"text {text_cfg:g} / audio {audio_cfg:g} / phase {phase_cfg:g})"))
+    for name, row in [("through the VAE", result["vae_reconstruction"])] + list(result["model_rows"].items()):
+        if row.get("groups"):
+            print()
+            print(format_table(row["groups"], f"{name}, per voice and clip length"))
     if args.ablation:
         base_run = Path(args.ablation)
         base_cfg = json.loads((base_run / "config.json").read_text())

@@ -213,3 +213,19 @@ def test_named_test_splits_are_disjoint_and_an_existing_folder_must_hold_its_spl
     # the command says the same in one line, with rc 2, before any model loads
     monkeypatch.setattr(evaluation, "score_ground_truth", lambda *a: pytest.fail("scored a mismatched split"))
     assert evaluation.main(["bench", "--split", "mixed", "--test-set", str(folder), "--clips", "1"]) == 2
+
+
+def test_scores_are_also_given_per_clip_length_when_a_split_mixes_lengths(tmp_path):
+    from actavatar_lab.synth.writer import write_dataset
+
+    folder = tmp_path / "mixed"
+    write_dataset(folder, clips=6, seed=0, split="test", size=64, duration=(2.0, 6.0), voice="synthetic")
+    row = evaluation.score_ground_truth(folder)
+    groups = row["groups"]
+    assert groups and all(name.startswith("length ") for name in groups)  # one voice: no voice groups
+    assert sum(g["clips"] for g in groups.values()) == 6 and sum(g["phases"] for g in groups.values()) == row["phases"]
+    pooled = sum(g["hit_at_segment"] * g["phases"] for g in groups.values()) / row["phases"]
+    assert abs(pooled - row["hit_at_segment"]) < 1e-9
+    single = tmp_path / "single"
+    write_dataset(single, clips=2, seed=0, split="test", size=64, duration=2.0, voice="synthetic")
+    assert evaluation.score_ground_truth(single)["groups"] == {}
