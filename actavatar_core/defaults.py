@@ -40,11 +40,15 @@ def mini_model_available() -> bool:
 
 
 def load_default_models(device: Any = "cpu", dtype: Any = None, smoke: bool = False):
-    """(models, generation defaults): the bundled mini model, or tiny random models for a smoke run."""
+    """(models, generation defaults): the bundled mini model, or tiny random models for a smoke run. ``dtype`` None
+    computes in float32: the mini model is stored in half precision to keep clones small, and at 34 MB of float32
+    weights nothing is gained by computing in half precision on a CPU."""
+    import torch
+
     from .bundle import load_model_folder, tiny_models
 
     if mini_model_available() and not smoke:
-        models = load_model_folder(MINI_MODEL_DIR, device=device, dtype=dtype)
+        models = load_model_folder(MINI_MODEL_DIR, device=device, dtype=dtype or torch.float32)
         return models, models.info.get("defaults", {})
     models = tiny_models(device=device)
     models.info.update(name="tiny random models (SMOKE RUN, no trained weights)", smoke=True)

@@ -385,6 +385,8 @@ def main(argv: list[str]) -> int:
         except ValueError as err:
             p.error(str(err))
 
+    import torch
+
     from actavatar_core.bundle import load_model_folder
     from actavatar_core.defaults import load_default_models
 
@@ -394,7 +396,7 @@ def main(argv: list[str]) -> int:
         print(f"actavatar bench method: {err}", file=sys.stderr)
         return 2
     if args.model:
-        models = load_model_folder(args.model)
+        models = load_model_folder(args.model, dtype=torch.float32)  # scored as the CLI computes on a CPU
     else:
         models, _ = load_default_models()
     d = models.info.get("defaults", {})

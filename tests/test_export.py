@@ -250,3 +250,22 @@ def test_inverse_renames_match_comfyui_layouts(tmp_path):
     assert vae_conv.original22_rename_map(want) == want
     with pytest.raises(ValueError, match="round trip"):
         wt.original_rename_map(["blocks.0.attn1.to_q.weight", "blocks.0.self_attn.k.weight"])  # already original
+
+
+def test_a_half_precision_model_folder_trains_and_scores_in_float32(exported, tmp_path):
+    """The bundled mini model is stored in fp16: fine-tuning from it must keep float32 parameters (AdamW's small
+    updates vanish in half precision), and the default loader computes in float32."""
+    from types import SimpleNamespace
+
+    from actavatar_core.cli import main
+    from actavatar_core.training.runs import export_model, load_models
+
+    models, _, _ = exported
+    export_model(models, tmp_path / "model", info={"name": "half test"})
+    assert main(["export", "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "half" / "comfyui"),
+                 "--name", "half", "--dtype", "fp16", "--index"]) == 0
+    assert L.identify_checkpoint(tmp_path / "half" / "comfyui" / "diffusion_models" / "half_transformer.safetensors").dtype == "float16"
+    assert bundle.load_model_folder(tmp_path / "half").transformer.patch_embedding.weight.dtype == torch.float16  # as stored
+    loaded, transformer = load_models(SimpleNamespace(models={"init": "folder", "folder": str(tmp_path / "half")}))
+    for module in (transformer, loaded.vae, loaded.text_encoder, loaded.audio_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}

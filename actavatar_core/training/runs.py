@@ -19,10 +19,12 @@ from .data import Annotation
 
 def load_models(cfg: TrainConfig) -> tuple[ActAvatarModels, Any]:
     """(frozen encoders + VAE, base transformer) of an existing model, as the config's ``models.init`` says:
-    ``folder`` (an ActAvatar model folder) or ``files`` (users' checkpoints, read by :mod:`actavatar_core.loading`)."""
+    ``folder`` (an ActAvatar model folder) or ``files`` (users' checkpoints, read by :mod:`actavatar_core.loading`).
+    A folder's weights train in float32 whatever they are stored in (the bundled mini model is stored in half
+    precision): AdamW's small updates vanish in half-precision parameters; autocast gives the half-precision speed."""
     init = cfg.models.get("init", "mini-scratch")
     if init == "folder":
-        models = load_model_folder(cfg.models["folder"])
+        models = load_model_folder(cfg.models["folder"], dtype=torch.float32)
         return models, models.transformer
     if init == "files":
         from .. import loading
