@@ -108,6 +108,7 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
         summary["seconds"] = round(time.time() - started, 1)
         summary["clips"] = len(results)
         summary["groups"] = group_scores(test_set, lines, results)
+        summary["per_clip"] = per_clip_scores(lines, results)
         out[name] = summary
         log(f"{name}: {_short(summary)}")
     return out
@@ -133,6 +134,13 @@ def _score_test_clips(test_set: Path, clips: int | None, transform: Callable[[np
     summary["clips"] = len(results)
     summary["groups"] = group_scores(test_set, _test_annotations(test_set, clips), results)
     return summary
+
+
+def per_clip_scores(annotations: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each clip's phase hits and lip sync, so that two runs on the same clips (e.g. the same model stored in two
+    precisions) can be compared clip by clip, which is far more sensitive than comparing their means."""
+    return [{"id": ann["id"], "hits": [bool(p["hit"]) for p in r.get("per_phase", [])],
+             "lipsync_corr": r.get("lipsync_corr")} for ann, r in zip(annotations, results)]
 
 
 #: Clip-length bins (seconds) that the per-group scores of a mixed-length split use.

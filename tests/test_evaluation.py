@@ -87,6 +87,9 @@ def test_scores_a_model_on_a_written_test_split(tmp_path):
                                      shift=3.0, save_dir=tmp_path / "samples", log=lambda m: None)
     row = rows["tiny routed"]
     assert row["clips"] == 1 and 0.0 <= row["hit_at_segment"] <= 1.0
+    (clip,) = row["per_clip"]
+    assert clip["id"] == ann["id"] and len(clip["hits"]) == len(ann["phases"])
+    assert sum(clip["hits"]) / len(clip["hits"]) == row["hit_at_segment"]
     assert list((tmp_path / "samples").glob("tiny_routed_*.mp4"))
 
 
