@@ -232,3 +232,23 @@ def test_scores_are_also_given_per_clip_length_when_a_split_mixes_lengths(tmp_pa
     single = tmp_path / "single"
     write_dataset(single, clips=2, seed=0, split="test", size=64, duration=2.0, voice="synthetic")
     assert evaluation.score_ground_truth(single)["groups"] == {}
+
+
+def test_compare_scores_pairs_the_clips_both_runs_scored(tmp_path, capsys):
+    from actavatar_lab.compare_scores import compare, main
+
+    def run(clips):
+        return {"model_rows": {"m, PACA routed": {"per_clip": [{"id": i, "hits": h, "lipsync_corr": r} for i, h, r in clips]}}}
+
+    a = run([("c1", [True, False], 0.6), ("c2", [True], 0.7), ("c3", [False], 0.5)])
+    b = run([("c1", [True, True], 0.62), ("c2", [True], 0.66)])  # c3 not scored in b
+    r = compare(a, b)["m, PACA routed"]
+    assert r["clips"] == 2 and r["phases"] == 3 and r["phases_that_differ"] == 1
+    assert r["hit_at_segment"] == [2 / 3, 1.0]
+    assert abs(r["lipsync_corr_abs_diff_max"] - 0.04) < 1e-9 and abs(r["lipsync_corr_abs_diff_mean"] - 0.03) < 1e-9
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main(["x", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert "1 phases differ" in capsys.readouterr().out
+    (tmp_path / "c.json").write_text(json.dumps({"model_rows": {}}))
+    assert main(["x", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
