@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from actavatar_core.defaults import MINI_MODEL_DIR, demo_inputs, load_default_models, mini_model_available
 
@@ -24,6 +25,13 @@ def test_bundle_is_small_and_complete(mini):
         "diffusion_models", "vae", "text_encoders", "audio_encoders", "actavatar"}
     assert not models.info.get("smoke") and models.info["name"] == "actavatar-mini"
     assert {"width", "height", "fps", "steps", "text_cfg", "audio_cfg", "phase_cfg", "shift"} <= set(defaults)
+    # stored in half precision (every clone carries every committed model), computed in float32 on the CPU
+    from actavatar_core.loading import identify_checkpoint
+
+    stored = {identify_checkpoint(p).dtype for p in files if p.suffix == ".safetensors" and p.parent.name != "actavatar"}
+    assert stored == {"float16"}
+    for module in (models.transformer, models.vae, models.text_encoder, models.audio_encoder):
+        assert {q.dtype for q in module.parameters()} == {torch.float32}
 
 
 @pytest.mark.slow
