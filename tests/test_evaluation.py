@@ -5,6 +5,7 @@ it is missing)."""
 import ast
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -252,3 +253,17 @@ def test_compare_scores_pairs_the_clips_both_runs_scored(tmp_path, capsys):
     assert "1 phases differ" in capsys.readouterr().out
     (tmp_path / "c.json").write_text(json.dumps({"model_rows": {}}))
     assert main(["x", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+def test_audio_readout_reads_the_mouth_from_the_bundled_encoder_and_prints_each_voice(capsys):
+    from actavatar_lab.audio_readout import main, readout_r
+
+    assert main(["audio_readout", "--clips", "6", "--seed", "900005000"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["synthetic", "espeak-ng"]
+    assert all(-1.0 <= float(line.split("r ")[1].split()[0]) <= 1.0 for line in out)
+    import numpy as np
+
+    fit = (np.arange(20.0)[:, None] * [1.0, 0.5], np.arange(20.0))  # an exactly linear relation reads out at r 1
+    assert abs(readout_r(fit, fit) - 1.0) < 1e-6

@@ -428,28 +428,15 @@ def test_mini_audio_encoder_keeps_the_loudness_a_mouth_follows():
     """The mini recipe's frozen wav2vec2 is random, so its layout decides what survives: the large layout's per-frame
     layer norm in every conv layer erased loudness (readout r about 0.5, and the shipped model's lip sync with it).
     A ridge readout of the mouth opening per latent frame from the windowed features must work on held-out clips."""
-    import numpy as np
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from actavatar_core.audio import encode_audio
-    from actavatar_lab.synth.audio import audio_envelope, mouth_from_envelope, speech_audio
+    from actavatar_lab.audio_readout import mouth_features, readout_r
     from actavatar_lab.recipe import MINI_WAV2VEC2
 
     torch.manual_seed(0)
     encoder = Wav2Vec2Model(Wav2Vec2Config(**MINI_WAV2VEC2)).eval()
-    fps, frames, features, mouths = 25.0, 77, [], []
-    for seed in range(24):
-        audio, _ = speech_audio(seed, frames / fps, 16000, voice="synthetic")
-        window = encode_audio(encoder, {"waveform": torch.from_numpy(audio)[None, None], "sample_rate": 16000},
-                              fps=fps, num_frames=frames).features[0]  # (latent frames, W, L, C)
-        mouth = mouth_from_envelope(audio_envelope(audio, 16000, fps, frames))
-        features.append(window.mean(1).flatten(1).numpy())
-        mouths.append([mouth[0]] + [mouth[4 * j - 3: 4 * j + 1].mean() for j in range(1, window.shape[0])])
-    x, y = np.concatenate(features), np.concatenate(mouths)
-    n = len(x) * 2 // 3  # the first 16 clips fit the readout, the last 8 test it
-    x = (x - x[:n].mean(0)) / (x[:n].std(0) + 1e-6)
-    w = np.linalg.solve(x[:n].T @ x[:n] + x.shape[1] * np.eye(x.shape[1]), x[:n].T @ (y[:n] - y[:n].mean()))
-    r = np.corrcoef(x[n:] @ w, y[n:])[0, 1]
+    fit, test = mouth_features(encoder, range(16)), mouth_features(encoder, range(16, 24))  # 16 clips fit, 8 test
+    r = readout_r(fit, test)
     assert r > 0.75, f"the mini audio encoder's features predict the mouth opening with r={r:.2f} only"
 
 
