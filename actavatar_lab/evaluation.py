@@ -32,16 +32,17 @@ TEST_SPLITS: dict[str, dict[str, Any]] = {
 }
 
 
-def ensure_test_set(folder: "str | Path", clips: int, duration: float | tuple[float, float] = 3.0, size: int = 128,
-                    fps: float = 25.0, split: str = "synthetic") -> Path:
-    """The fixed held-out test split ``split`` (written once, deterministic from its seeds). An existing folder must
-    hold that split: scoring one split under another's name would publish wrong figures."""
+def ensure_test_set(folder: "str | Path", clips: int, duration: float | tuple[float, float] | None = None,
+                    size: int = 128, fps: float = 25.0, split: str = "synthetic") -> Path:
+    """The fixed held-out test split ``split`` (written once, deterministic from its seeds; ``duration`` None: the
+    split's own). An existing folder must hold that split: scoring one split under another's name would publish
+    wrong figures."""
     from actavatar_core.errors import ActAvatarError
 
     from .synth.writer import SPLITS, write_dataset
 
     spec = TEST_SPLITS[split]
-    duration = spec["duration"] if split != "synthetic" else duration
+    duration = spec["duration"] if duration is None else duration
     folder = Path(folder)
     if not (folder / "annotations.jsonl").is_file():
         write_dataset(folder, clips=clips, seed=spec["seed"], split="test", size=size, fps=fps, duration=duration,

@@ -146,10 +146,10 @@ def espeak_speaker(rng: np.random.Generator) -> dict[str, Any]:
             "pitch": int(rng.integers(20, 81)), "gap": int(rng.integers(0, 4))}
 
 
-def espeak_speech(rng: np.random.Generator, duration: float, sample_rate: int = SAMPLE_RATE,
-                  speaker: dict[str, Any] | None = None) -> np.ndarray:
-    """Random English words spoken by espeak-ng (phrases separated by commas/periods), fitted to ``duration``;
-    ``speaker`` (see :func:`espeak_speaker`) defaults to en-us at a random rate and pitch."""
+def espeak_speech(rng: np.random.Generator, duration: float, speaker: dict[str, Any],
+                  sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Random English words spoken by espeak-ng as ``speaker`` (see :func:`espeak_speaker`), phrases separated by
+    commas/periods, fitted to ``duration``."""
     require_espeak("espeak-ng")
     exe = shutil.which("espeak-ng")
     n_words = max(3, int(duration * 3.2))
@@ -158,12 +158,10 @@ def espeak_speech(rng: np.random.Generator, duration: float, sample_rate: int = 
     for i, w in enumerate(words):
         text += w + (", " if rng.random() < 0.12 else ". " if rng.random() < 0.1 else " ")
     lead = float(rng.uniform(0.0, 0.4))
-    if speaker is None:
-        speaker = {"voice": "en-us", "speed": int(rng.integers(140, 190)), "pitch": int(rng.integers(30, 70)), "gap": 0}
     with tempfile.TemporaryDirectory() as tmp:
         wav_path = Path(tmp) / "speech.wav"
         cmd = [str(exe), "-v", speaker["voice"], "-s", str(speaker["speed"]), "-p", str(speaker["pitch"]),
-               "-g", str(speaker.get("gap", 0)), "-w", str(wav_path), text]
+               "-g", str(speaker["gap"]), "-w", str(wav_path), text]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         audio, rate = read_wav(wav_path)
     audio = resample(audio, rate, sample_rate)
@@ -216,7 +214,7 @@ def speech(seed: int, duration: float, sample_rate: int = SAMPLE_RATE, voice: st
         return synthetic_speech(rng, duration, sample_rate), "synthetic", "synthetic"
     speaker = espeak_speaker(np.random.default_rng([int(seed), 707]))
     name = f"{speaker['voice']} s{speaker['speed']} p{speaker['pitch']} g{speaker['gap']}"
-    return espeak_speech(rng, duration, sample_rate, speaker), "espeak-ng", name
+    return espeak_speech(rng, duration, speaker, sample_rate), "espeak-ng", name
 
 
 def speech_audio(seed: int, duration: float, sample_rate: int = SAMPLE_RATE, voice: str = "auto") -> tuple[np.ndarray, str]:
