@@ -108,6 +108,8 @@ def _mini_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[
     folder = models_dir(cfg)
     tcfg = {**MINI_TRANSFORMER, **cfg.models.get("transformer", {})}
     acfg = {**MINI_ADAPTER, **cfg.models.get("adapter", {})}
+    if not (folder / "spiece.model").is_file() and cfg.models.get("encoders_from"):
+        _copy_encoders(cfg.models["encoders_from"], folder, log)
     if (folder / "spiece.model").is_file():
         spm_bytes = (folder / "spiece.model").read_bytes()
         tokenizer = build_tokenizer(spm_bytes, extra_ids=0, model_max_length=cfg.text_len)
@@ -139,6 +141,20 @@ def _mini_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[
     models = ActAvatarModels(transformer, vae, text_encoder, tokenizer, audio_encoder, {"do_normalize": True},
                              {"spiece_model": spm_bytes})
     return models, transformer
+
+
+def _copy_encoders(model_folder: "str | Path", folder: Path, log: Callable[[str], None]) -> None:
+    """Seed a mini-scratch run with an existing model's frozen encoders, tokenizer and VAE (``models.encoders_from``),
+    so that only the transformer starts from scratch: how a variant is trained on the shipped model's encoders."""
+    from actavatar_core.bundle import _spiece_bytes, load_model_folder
+
+    models = load_model_folder(model_folder, dtype=torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    models.text_encoder.save_pretrained(folder / "text_encoder")
+    models.audio_encoder.save_pretrained(folder / "audio_encoder")
+    models.vae.save_pretrained(folder / "vae")
+    (folder / "spiece.model").write_bytes(_spiece_bytes(models))  # last: its presence marks the folder complete
+    log(f"mini encoders, tokenizer and VAE from {model_folder}; the transformer starts from scratch")
 
 
 def _count(module: torch.nn.Module) -> str:

@@ -382,6 +382,34 @@ def test_vae_decoder_stage_keeps_the_encoder_and_the_cache(tmp_path, dataset):
     assert all(torch.equal(v, after[k]) for k, v in reloaded.vae.state_dict().items())
 
 
+def test_a_scratch_run_can_take_its_encoders_from_a_model_folder(tmp_path, dataset):
+    """models.encoders_from: the encoders, tokenizer and VAE of an existing model (so its caches stay valid), and a
+    transformer built from scratch: how the untrained-for-phases variant is trained beside the shipped model."""
+    from actavatar_core.training.data import fingerprints, vae_encoding_modules
+    from actavatar_core.training.runs import export_model
+
+    anns = read_annotations(dataset)
+    donor, donor_transformer = build_models(_cfg(tmp_path / "a", dataset), anns, log=lambda m: None)
+    with torch.no_grad():
+        for p in donor_transformer.parameters():
+            p.add_(1.0)  # a trained transformer that must not be carried over
+    donor.transformer = donor_transformer
+    export_model(donor, tmp_path / "donor", {"name": "donor"})
+    cfg = _cfg(tmp_path / "b", dataset, models={**SMALL, "encoders_from": str(tmp_path / "donor")})
+    messages = []
+    models, transformer = build_models(cfg, anns, log=messages.append)
+    assert any("from scratch" in m for m in messages)
+    assert (tmp_path / "b" / "run" / "models" / "spiece.model").read_bytes() == donor.info["spiece_model"]
+
+    def fingerprint(m):
+        return fingerprints(*vae_encoding_modules(m.vae), m.text_encoder, m.audio_encoder, extras=[None])[0]
+
+    assert fingerprint(models) == fingerprint(donor)  # the donor's caches are this run's caches
+    assert all(torch.equal(v, donor.vae.state_dict()[k]) for k, v in models.vae.state_dict().items())
+    donor_weights = donor_transformer.state_dict()
+    assert not any(torch.equal(v, donor_weights[k]) for k, v in transformer.state_dict().items() if v.numel() > 1)
+
+
 def test_vae_stage_trains_the_whole_vae_and_records_latent_statistics(tmp_path, dataset):
     cfg = _cfg(tmp_path, dataset, stages=["vae", "stage0"], stage0={"steps": 1, "prompt": "global"},
                vae={"steps": 2, "lr": 1e-3, "batch_size": 1, "frames": 9, "crop": 32})

@@ -13,7 +13,8 @@ Keys (all optional except ``output_dir`` and ``data.dataset``)::
                  "folder": "...",                          # init=folder: an ActAvatar model folder
                  "files": {"transformer": "...", "vae": "...", "text_encoder": "...", "audio_encoder": "...",
                            "actavatar": null},             # init=files: users' checkpoints (actavatar_core.loading)
-                 "transformer": {...}, "vae": {...}, "text_encoder": {...}, "audio_encoder": {...}},  # mini-scratch configs
+                 "transformer": {...}, "vae": {...}, "text_encoder": {...}, "audio_encoder": {...},  # mini-scratch configs
+                 "encoders_from": "..."},                  # mini-scratch: an ActAvatar model folder's encoders and VAE
       "text_len": 512,
       "stages": ["vae", "vae_decoder", "stage0", "stage1", "stage2"],  # any subset, in this order
       "vae":    {"steps": 1500, "lr": 1e-3, "batch_size": 4, "frames": 9,
@@ -192,7 +193,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: "str | os.PathLike" = ".") -
                 raise ValueError(f"{name}.schedule must be one of {SCHEDULES} (cosine decays to 10 %), not {cfg.schedule!r}")
             stage_cfgs[name] = cfg
     models = raw.pop("models", {"init": "mini-scratch"})
-    for key in ("folder",):
+    for key in ("folder", "encoders_from"):
         if key in models:
             models[key] = rel(models[key])
     if "files" in models:
