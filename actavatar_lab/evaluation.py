@@ -194,6 +194,20 @@ def _short(s: dict[str, Any]) -> str:
     return ", ".join(f"{k} {s[k]:.3f}" for k in keys if isinstance(s[k], (int, float)))
 
 
+FLAT_PROMPT = "flat"  # bench method's name for the no-PACA row: one flat prompt, sampled in global mode
+
+
+def bench_rows(label: str, specs: str) -> list[tuple[str, str, bool]]:
+    """(row name, PACA mode spec, phased prompt) for each comma-separated spec of ``bench method --modes``."""
+    rows = []
+    for spec in (s.strip() for s in specs.split(",")):
+        if spec == FLAT_PROMPT:
+            rows.append((f"{label}, global prompt (no PACA)", "global", False))
+        elif spec:
+            rows.append((f"{label}, PACA {spec}", spec, True))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- ablation
 ABLATION_ROWS = [
     # (row, variant trained, inference PACA mode, phased prompt)
@@ -360,7 +374,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--modes", default="learned,routed",
                    help="PACA modes to score the model with, comma-separated: a mode (global, learned, routed, relay), "
-                        "relay=WIDTH or feather=FRAMES (routed with a feather; both in latent frames)")
+                        "relay=WIDTH or feather=FRAMES (routed with a feather; both in latent frames), or flat (the "
+                        "paper's no-PACA baseline: base and actions in one prompt, no times)")
+    p.add_argument("--text-cfg", type=float, default=None, help="text guidance (default: the model's)")
+    p.add_argument("--audio-cfg", type=float, default=None, help="audio guidance (default: the model's)")
     p.add_argument("--phase-cfg", type=float, default=None,
                    help="phase guidance for the model rows (default: the model's; the ablation rows use none)")
     p.add_argument("--ablation", default=None, metavar="BASE_RUN",
@@ -389,6 +406,8 @@ def main(argv: list[str]) -> int:
     from actavatar_core.sampling import mode_options
 
     for spec in filter(None, args.modes.split(",")):
+        if spec.strip() == FLAT_PROMPT:
+            continue
         try:
             mode_options(spec)
         except ValueError as err:
@@ -410,14 +429,15 @@ def main(argv: list[str]) -> int:
         models, _ = load_default_models()
     d = models.info.get("defaults", {})
     steps = args.steps or int(d.get("steps", 20))
-    text_cfg, audio_cfg = float(d.get("text_cfg", 3.0)), float(d.get("audio_cfg", 2.0))
+    text_cfg = float(args.text_cfg if args.text_cfg is not None else d.get("text_cfg", 3.0))
+    audio_cfg = float(args.audio_cfg if args.audio_cfg is not None else d.get("audio_cfg", 2.0))
     shift = float(d.get("shift", 5.0))
     phase_cfg = float(args.phase_cfg if args.phase_cfg is not None else d.get("phase_cfg", 0.0))
     save = Path(args.save_samples) if args.save_samples else None
     if save:
         save.mkdir(parents=True, exist_ok=True)
     label = models.info.get("name", "model")
-    modes = [(f"{label}, PACA {m}", m, True) for m in args.modes.split(",") if m]
+    modes = bench_rows(label, args.modes)
     result: dict[str, Any] = {"model": label, "split": args.split, "test_set": str(test_set), "clips": args.clips, "steps": steps,
                               "text_cfg": text_cfg, "audio_cfg": audio_cfg, "phase_cfg": phase_cfg, "shift": shift}
     result["ground_truth"] = score_ground_truth(test_set, args.clips)

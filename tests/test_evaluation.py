@@ -200,6 +200,34 @@ def test_bench_scores_trained_variants_with_their_own_guidance_into_the_json(tmp
     assert "guidance each run's own" in caption
 
 
+def test_bench_scores_the_flat_prompt_and_given_guidance(tmp_path, monkeypatch):
+    import actavatar_core.defaults as defaults
+
+    class Models:
+        info = {"name": "m", "defaults": {"steps": 4, "text_cfg": 7.0, "audio_cfg": 3.0, "phase_cfg": 2.0}}
+
+    seen = {}
+
+    def fake_evaluate(models, test_set, *, modes, text_cfg, audio_cfg, phase_cfg, **kw):
+        seen.update(modes=modes, cfg=(text_cfg, audio_cfg, phase_cfg))
+        return {name: {"hit_at_segment": 0.5} for name, _, _ in modes}
+
+    monkeypatch.setattr(defaults, "load_default_models", lambda: (Models(), None))
+    monkeypatch.setattr(evaluation, "ensure_test_set", lambda folder, clips, **kw: tmp_path)
+    monkeypatch.setattr(evaluation, "score_ground_truth", lambda *a: {"hit_at_segment": 1.0})
+    monkeypatch.setattr(evaluation, "score_reconstruction", lambda *a: {"hit_at_segment": 0.9})
+    monkeypatch.setattr(evaluation, "evaluate_model", fake_evaluate)
+    out = tmp_path / "bench.json"
+    assert evaluation.main(["bench", "--modes", "flat, relay=3", "--text-cfg", "10", "--phase-cfg", "0",
+                            "--json", str(out)]) == 0
+    assert seen["modes"] == [("m, global prompt (no PACA)", "global", False), ("m, PACA relay=3", "relay=3", True)]
+    assert seen["cfg"] == (10.0, 3.0, 0.0)  # text given, audio the model's, phase given
+    saved = json.loads(out.read_text())
+    assert (saved["text_cfg"], saved["audio_cfg"], saved["phase_cfg"]) == (10.0, 3.0, 0.0)
+    with pytest.raises(SystemExit):
+        evaluation.main(["bench", "--modes", "flat,sideways"])
+
+
 def test_named_test_splits_are_disjoint_and_an_existing_folder_must_hold_its_split(tmp_path, monkeypatch):
     from actavatar_core.errors import ActAvatarError
 
