@@ -172,6 +172,26 @@ def test_hit_at_segment_and_tiou_on_hand_made_labels():
     assert unknown["hit_at_segment"] == 0.0 and unknown["per_phase"][0]["action"] is None
 
 
+def test_action_placement_tells_late_actions_from_missing_ones():
+    from actavatar_lab.synth.metrics import action_placement
+
+    perfect = action_placement(labels_for(PHASES), PHASES, FPS)
+    assert perfect["per_phase_shown"] == [True, True]
+    assert perfect["per_phase_offset"][0] == pytest.approx(-0.02, abs=0.03)  # frames 25..49 around the centre 1.5 s
+    late = labels_for([{**PHASES[0], "start": 1.7, "end": 2.7}, {**PHASES[1], "start": 2.7, "end": 3.9}], n=101)
+    placed = action_placement(late, PHASES, FPS)
+    assert placed["per_phase_shown"] == [True, True] and placed["per_phase_offset"][0] == pytest.approx(0.7, abs=0.03)
+    assert placed["per_phase_offset"][1] > 0.3  # the nod runs on to the end of the clip: late too
+    missing = action_placement([IDLE] * 101, PHASES, FPS)
+    assert missing == {"per_phase_shown": [False, False], "per_phase_offset": [None, None]}
+    flicker = labels_for(PHASES)
+    flicker[25:45] = [IDLE] * 20  # the left hand for 5 frames only: less than half the central frames (6)
+    assert action_placement(flicker, PHASES, FPS)["per_phase_shown"] == [False, True]
+    summary = aggregate([{**perfect, "per_phase": []}, {**placed, "per_phase": []}, {**missing, "per_phase": []}])
+    assert summary["action_shown"] == pytest.approx(4 / 6)
+    assert summary["action_offset_abs_median"] > 0.1 and summary["action_offset_median"] > 0
+
+
 def test_lip_sync_finds_the_lag():
     rng = np.random.default_rng(0)
     env = np.convolve(rng.random(120), np.ones(3) / 3, "same")

@@ -14,6 +14,10 @@ Definitions (frame i stands for the instant t_i = i / fps, as in phases.latent_f
   ground-truth labels themselves.
 - **spurious action rate**: fraction of frames at least RAMP seconds away from every window that show some
   action (a model that acts all the time would otherwise get H@S = 1).
+- **where the actions land**: per phase, whether its action is shown anywhere in the clip for at least half a
+  window's central frames (*shown*: the model performs it, in time or not), and the *offset* in seconds of the centre
+  of the frames showing it from the window's centre (negative: early). H@S low with *shown* high means actions at the
+  wrong time; both low means actions left out.
 - **lip sync**: Pearson correlation between the detected mouth opening and the audio envelope
   (audio.audio_envelope, same frame alignment as the renderer) at lag 0, and the best correlation over lags
   -5..+5 frames with its lag (positive lag: the mouth trails the audio). A constant signal scores 0.
@@ -97,6 +101,20 @@ def temporal_iou(labels: Sequence[str], phases: Iterable[Any], fps: float) -> di
     return {"tiou": float(np.mean(ious)) if ious else float("nan"), "per_phase_tiou": [round(v, 4) for v in ious]}
 
 
+def action_placement(labels: Sequence[str], phases: Iterable[Any], fps: float) -> dict[str, Any]:
+    """Whether each phase's action is shown anywhere in the clip, and how far from its window (see module doc)."""
+    t = _times(len(labels), fps)
+    lab = np.asarray(labels, dtype=object)
+    shown, offsets = [], []
+    for start, end, text in _phase_list(phases):
+        key = action_for_text(text)
+        frames = np.nonzero(lab == key)[0] if key else np.zeros(0, int)
+        needed = max(1, int(round(CENTRAL_FRACTION * (end - start) * fps / 2)))
+        shown.append(bool(len(frames) >= needed))
+        offsets.append(round(float(t[frames].mean() - (start + end) / 2), 4) if shown[-1] else None)
+    return {"per_phase_shown": shown, "per_phase_offset": offsets}
+
+
 def spurious_action_rate(labels: Sequence[str], phases: Iterable[Any], fps: float) -> float:
     """Fraction of frames far (>= RAMP_SECONDS) from every window that show an action; NaN when there are none."""
     t = _times(len(labels), fps)
@@ -162,6 +180,7 @@ def evaluate_clip(frames: np.ndarray, audio: np.ndarray | None, sample_rate: int
     out.update(hit_at_segment(det.labels, phases, fps))
     out.update(temporal_iou(det.labels, phases, fps))
     out["spurious_action_rate"] = spurious_action_rate(det.labels, phases, fps)
+    out.update(action_placement(det.labels, phases, fps))
     if audio is not None and sample_rate:
         env = audio_envelope(audio, int(sample_rate), fps, len(frames))
         out.update(lip_sync(det.mouth, env))
@@ -185,6 +204,11 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for p in phases:
         per_action.setdefault(str(p["action"]), []).append(p["hit"])
     out["hit_at_segment_per_action"] = {k: float(np.mean(v)) for k, v in sorted(per_action.items())}
+    shown = [v for r in results for v in r.get("per_phase_shown", [])]
+    offsets = [v for r in results for v in r.get("per_phase_offset", []) if v is not None]
+    out["action_shown"] = float(np.mean(shown)) if shown else float("nan")
+    out["action_offset_median"] = float(np.median(offsets)) if offsets else float("nan")
+    out["action_offset_abs_median"] = float(np.median(np.abs(offsets))) if offsets else float("nan")
     for key in ("spurious_action_rate", "lipsync_corr", "lipsync_best_corr", "identity_dist",
                 "identity_background_dist", "identity_shirt_dist", "identity_max_dist"):
         vals = [r[key] for r in results if key in r and r[key] is not None and not math.isnan(r[key])]
