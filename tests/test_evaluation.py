@@ -224,6 +224,11 @@ def test_bench_scores_the_flat_prompt_and_given_guidance(tmp_path, monkeypatch):
     assert seen["cfg"] == (10.0, 3.0, 0.0)  # text given, audio the model's, phase given
     saved = json.loads(out.read_text())
     assert (saved["text_cfg"], saved["audio_cfg"], saved["phase_cfg"]) == (10.0, 3.0, 0.0)
+    assert saved["vae_reconstruction"]["hit_at_segment"] == 0.9
+    monkeypatch.setattr(evaluation, "score_reconstruction", lambda *a: pytest.fail("--no-ceilings ran the VAE"))
+    assert evaluation.main(["bench", "--modes", "routed", "--no-ceilings", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert "vae_reconstruction" not in saved and "ground_truth" not in saved and saved["model_rows"]
     with pytest.raises(SystemExit):
         evaluation.main(["bench", "--modes", "flat,sideways"])
 
