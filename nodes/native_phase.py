@@ -378,13 +378,16 @@ class ActAvatarPhaseGuider(io.ComfyNode):
                                                           "core's Wan nodes)."),
                 io.Conditioning.Input("negative"),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Float.Input("phase_cfg", default=2.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("phase_cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Phase guidance (0: plain CFG, no extra pass). On weights never trained for "
+                                       "phases it lifted no action into its window and cost lip sync (docs/RESULTS.md); "
+                                       "try 1-2 only to push harder towards the actions."),
             ],
             outputs=[io.Guider.Output(display_name="guider")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg: float = 5.0, phase_cfg: float = 2.0) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, cfg: float = 5.0, phase_cfg: float = 0.0) -> io.NodeOutput:
         return io.NodeOutput(make_phase_guider(model, positive, negative, cfg, phase_cfg))
 
 

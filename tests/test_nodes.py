@@ -163,6 +163,12 @@ def test_input_names_and_defaults():
     assert ActAvatarSampler.INPUT_TYPES()["optional"]["phase_cfg"][1]["default"] == 0.0
     assert list(ActAvatarSampler.INPUT_TYPES()["optional"]) == ["phase_cfg", "relay_width"]
     assert "relay_width" not in sampler and ActAvatarSampler.INPUT_TYPES()["optional"]["relay_width"][1]["default"] == 2.0
+    classes, _, _ = build_mappings()
+    control = classes["ActAvatarPhaseControl"].INPUT_TYPES()["required"]
+    guider = classes["ActAvatarPhaseGuider"].INPUT_TYPES()["required"]
+    # the native nodes' defaults for weights never trained for phases follow the measurement (docs/RESULTS.md):
+    # no mode put more actions in their windows than routed, and phase guidance lifted none
+    assert (control["mode"][1]["default"], guider["phase_cfg"][1]["default"]) == ("routed", 0.0)
     save = ActAvatarSaveVideo.INPUT_TYPES()
     assert save["hidden"] == {"prompt": ("PROMPT",), "extra_pnginfo": ("EXTRA_PNGINFO",)} and ActAvatarSaveVideo.OUTPUT_NODE
 
