@@ -67,9 +67,9 @@ class ActAvatarSampler(io.ComfyNode):
                 io.Combo.Input("paca_mode", options=list(PACA_MODES), default="learned",
                                tooltip="learned: the paper's PACA (phase embeddings); routed: ours, each frame also "
                                        "sees only its active phases (use it for weights trained routed, as the "
-                                       "bundled mini model, or never trained for phases); relay: every phase stays "
-                                       "visible, fading with the distance from its window (relay_width); global: "
-                                       "plain prompt."),
+                                       "bundled mini model); relay: every phase stays visible, fading with the "
+                                       "distance from its window (relay_width); global: plain prompt. On weights "
+                                       "never trained for phases no mode timed the actions (docs/RESULTS.md)."),
                 io.Float.Input("feather", default=0.0, min=0.0, max=8.0, step=0.25,
                                tooltip="Soft phase boundaries, in latent frames (0 = hard switch)."),
                 io.Combo.Input("audio_schedule", options=AUDIO_SCHEDULES, default="trained",
