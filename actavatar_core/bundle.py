@@ -119,7 +119,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def _spiece_bytes(models: Any) -> bytes:
+def spiece_bytes(models: Any) -> bytes:
     """The SentencePiece model bytes for the umT5 file: ``models.info["spiece_model"]``, else the ``spiece.model``
     the tokenizer was saved (and loaded) with."""
     data = (models.info or {}).get("spiece_model")
@@ -280,7 +280,7 @@ def export_comfyui_files(models: ActAvatarModels, folder: "str | os.PathLike[str
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise OutputPathError(f"{existing[0]} already exists{more}.",
                               "Pick another --name or --out, or pass overwrite=True (--overwrite).")
-    spm = _spiece_bytes(models)
+    spm = spiece_bytes(models)
     _check_tokenizer(spm, models.tokenizer)
     do_normalize = bool((models.audio_config or {}).get("do_normalize", True))
     # Every rename first (cheap, names only): a layout problem must not leave half an export behind.

@@ -146,14 +146,14 @@ def _mini_models(cfg: TrainConfig, annotations: list[Annotation], log: Callable[
 def _copy_encoders(model_folder: "str | Path", folder: Path, log: Callable[[str], None]) -> None:
     """Seed a mini-scratch run with an existing model's frozen encoders, tokenizer and VAE (``models.encoders_from``),
     so that only the transformer starts from scratch: how a variant is trained on the shipped model's encoders."""
-    from actavatar_core.bundle import _spiece_bytes, load_model_folder
+    from actavatar_core.bundle import load_model_folder, spiece_bytes
 
     models = load_model_folder(model_folder, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     models.text_encoder.save_pretrained(folder / "text_encoder")
     models.audio_encoder.save_pretrained(folder / "audio_encoder")
     models.vae.save_pretrained(folder / "vae")
-    (folder / "spiece.model").write_bytes(_spiece_bytes(models))  # last: its presence marks the folder complete
+    (folder / "spiece.model").write_bytes(spiece_bytes(models))  # last: its presence marks the folder complete
     log(f"mini encoders, tokenizer and VAE from {model_folder}; the transformer starts from scratch")
 
 
