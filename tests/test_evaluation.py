@@ -300,3 +300,28 @@ def test_audio_readout_reads_the_mouth_from_the_bundled_encoder_and_prints_each_
 
     fit = (np.arange(20.0)[:, None] * [1.0, 0.5], np.arange(20.0))  # an exactly linear relation reads out at r 1
     assert abs(readout_r(fit, fit) - 1.0) < 1e-6
+
+
+def test_latent_stride_holds_the_mouth_per_latent_frame_and_bounds_fast_mouths(tmp_path, capsys):
+    import numpy as np
+
+    from actavatar_lab.latent_stride import (held_per_latent_frame, latent_frame_groups, main,
+                                             share_above_latent_nyquist, stride_ceiling)
+    from actavatar_lab.synth.writer import write_dataset
+
+    groups = latent_frame_groups(77)
+    assert len(groups) == (77 - 1) // 4 + 1 and list(groups[0]) == [0] and list(groups[1]) == [1, 2, 3, 4]
+    assert np.array_equal(np.concatenate(groups), np.arange(77))  # every video frame once, in order
+    t = np.arange(101) / 25.0
+    slow, fast = np.sin(2 * np.pi * 1.0 * t), np.sin(2 * np.pi * 5.0 * t)  # latent Nyquist: 25 / 4 / 2 = 3.125 Hz
+    held_slow, held_fast = held_per_latent_frame(slow), held_per_latent_frame(fast)
+    assert np.corrcoef(held_slow, slow)[0, 1] > 0.9 > 0.5 > np.corrcoef(held_fast, fast)[0, 1]
+    assert share_above_latent_nyquist(slow, 25.0) < 0.05 and share_above_latent_nyquist(fast, 25.0) > 0.95
+    step = np.repeat([0.0, 1.0, 0.0, 1.0], 4)
+    assert np.allclose(held_per_latent_frame(np.r_[0.5, step])[1:], step)  # already one value per latent frame
+
+    write_dataset(tmp_path / "split", clips=3, seed=0, split="test", size=64, duration=2.0, voice="synthetic")
+    s = stride_ceiling(tmp_path / "split")
+    assert s["clips"] == 3 and s["drawn"] > 0.9 and s["held"] < s["drawn"] and 0.0 < s["fast_share"] < 1.0
+    assert main(["latent_stride", "--splits", "nope"]) == 2
+    assert "unknown split 'nope'" in capsys.readouterr().err
