@@ -382,6 +382,22 @@ def test_vae_decoder_stage_keeps_the_encoder_and_the_cache(tmp_path, dataset):
     assert all(torch.equal(v, after[k]) for k, v in reloaded.vae.state_dict().items())
 
 
+def test_a_model_folder_exported_from_a_run_on_a_model_folder_keeps_its_tokenizer(tmp_path, dataset):
+    """A run initialised from an exported folder (models.init folder) exports a folder that still carries
+    tokenizer/spiece.model, so it can be exported again to ComfyUI's files (whose umT5 file holds the tokenizer)."""
+    from actavatar_core.bundle import export_comfyui_files, load_model_folder
+    from actavatar_core.training.runs import export_model
+
+    first, transformer = build_models(_cfg(tmp_path / "a", dataset), read_annotations(dataset), log=lambda m: None)
+    first.transformer = transformer
+    export_model(first, tmp_path / "first", {"name": "first"})
+    again = load_model_folder(tmp_path / "first", dtype=torch.float32)  # what a folder-initialised run trains
+    export_model(again, tmp_path / "second", {"name": "second"})
+    assert (tmp_path / "second" / "tokenizer" / "spiece.model").read_bytes() == first.info["spiece_model"]
+    files = export_comfyui_files(load_model_folder(tmp_path / "second"), tmp_path / "comfyui")
+    assert all(path.is_file() for path in files.values())
+
+
 def test_a_scratch_run_can_take_its_encoders_from_a_model_folder(tmp_path, dataset):
     """models.encoders_from: the encoders, tokenizer and VAE of an existing model (so its caches stay valid), and a
     transformer built from scratch: how the untrained-for-phases variant is trained beside the shipped model."""

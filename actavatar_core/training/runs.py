@@ -118,8 +118,16 @@ def load_stage_weights(transformer: Any, stage_dir: Path) -> None:
 
 
 def export_model(models: ActAvatarModels, folder: "str | Path", info: dict[str, Any]) -> Path:
-    """The trained model as an ActAvatar model folder (what ``--model-dir`` and the bundled default load)."""
-    spm = models.info.get("spiece_model")
+    """The trained model as an ActAvatar model folder (what ``--model-dir`` and the bundled default load), with the
+    tokenizer's SentencePiece model beside it wherever the run's tokenizer came from (built by the recipe, or loaded
+    from an earlier model folder): without it the folder could not be exported to ComfyUI's files."""
+    from ..bundle import spiece_bytes
+    from ..errors import WeightsError
+
+    try:
+        spm = spiece_bytes(models)
+    except WeightsError:
+        spm = None
     out = save_model_folder(models, folder, info=info)
     if spm:
         (Path(out) / "tokenizer" / "spiece.model").write_bytes(spm)
