@@ -669,3 +669,17 @@ def test_batching_refuses_a_dataset_where_no_batch_fits():
 
     with pytest.raises(ActAvatarError, match="share a length.*Fix: Lower batch_size"):
         next(iterate_forever(_Lengths([49, 53, 57]), 2, seed=0))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "actavatar_lab/configs").glob("*.json")))
+def test_every_shipped_training_config_loads_and_chains_onto_a_run_the_recipe_writes(name):
+    """The committed configs are how the shipped weights are remade: each must load, and one that starts from a model
+    folder must name one that another committed config writes (or the model before it, restored by git archive)."""
+    from actavatar_core.training.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "actavatar_lab/configs"
+    cfg = load_config(root / name)
+    assert cfg.stages and cfg.output_dir
+    if cfg.models.get("init") == "folder":
+        writers = {str(Path(load_config(p).output_dir) / "model") for p in root.glob("*.json")}
+        assert cfg.models["folder"] in writers or cfg.models["folder"].startswith("runs/mini-prev/"), cfg.models["folder"]
