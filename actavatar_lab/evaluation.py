@@ -91,7 +91,7 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
 
     from .synth.metrics import aggregate, evaluate_clip
 
-    lines = _test_annotations(test_set, clips)
+    lines = read_test_annotations(test_set, clips)
     out: dict[str, Any] = {}
     for name, mode, phased in modes:
         started, results = time.time(), []
@@ -115,7 +115,7 @@ def evaluate_model(models: Any, test_set: Path, *, modes: list[tuple[str, str, b
     return out
 
 
-def _test_annotations(test_set: Path, clips: int | None = None) -> list[dict[str, Any]]:
+def read_test_annotations(test_set: Path, clips: int | None = None) -> list[dict[str, Any]]:
     lines = [json.loads(x) for x in (test_set / "annotations.jsonl").read_text().splitlines() if x.strip()]
     return lines[:clips] if clips else lines
 
@@ -126,14 +126,14 @@ def _score_test_clips(test_set: Path, clips: int | None, transform: Callable[[np
 
     from .synth.metrics import aggregate, evaluate_clip
 
-    results = []
-    for ann in _test_annotations(test_set, clips):
+    results, annotations = [], read_test_annotations(test_set, clips)
+    for ann in annotations:
         frames, _, audio, rate = read_video(test_set / ann["video"])
         frames = frames[: int(ann["num_frames"])]
         results.append(evaluate_clip(transform(frames)[: len(frames)], audio, rate, ann, reference=frames[0]))
     summary = aggregate(results)
     summary["clips"] = len(results)
-    summary["groups"] = group_scores(test_set, _test_annotations(test_set, clips), results)
+    summary["groups"] = group_scores(test_set, annotations, results)
     return summary
 
 

@@ -65,10 +65,11 @@ def _r(mouth: np.ndarray, envelope: np.ndarray) -> float:
 def stride_ceiling(test_set: "str | Path", clips: int | None = None, stride: int = TEMPORAL_STRIDE) -> dict[str, Any]:
     """Mean mouth-audio r over the split's clips (the drawn mouth, held and interpolated per latent frame) and the mean
     share of the mouth's variance faster than the latent frame rate."""
+    from .evaluation import read_test_annotations
+
     folder = Path(test_set)
-    lines = [json.loads(x) for x in (folder / "annotations.jsonl").read_text().splitlines() if x.strip()]
     scores: dict[str, list[float]] = {"drawn": [], "held": [], "interpolated": [], "fast_share": []}
-    for ann in lines[:clips] if clips else lines:
+    for ann in read_test_annotations(folder, clips):
         truth = json.loads((folder / "groundtruth" / f"{ann['id']}.json").read_text())
         mouth, envelope = np.asarray(truth["mouth"], np.float64), np.asarray(truth["envelope"], np.float64)
         scores["drawn"].append(_r(mouth, envelope))
